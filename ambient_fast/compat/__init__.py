@@ -1,0 +1,1 @@
+"""Drop-in compatibility layer for EDM / Ambient-o / Ambient Dataloops codebases."""

@@ -1,0 +1,99 @@
+"""Input checks shared by every public entry point.
+
+Each failure is one ``ValueError`` naming the argument and the first bad sample index, so
+a bad batch is found before it becomes a silent NaN. Checks need a host sync; they are
+skipped while ``torch.compile`` traces (``torch.compiler.is_compiling()``) and when the
+caller passes ``validate=False``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "active",
+    "check_finite",
+    "check_per_sample",
+    "check_same_layout",
+    "check_sigma_pair",
+    "first_bad_index",
+]
+
+
+def active(validate: bool = True) -> bool:
+    """Whether eager checks should run now (never inside a compiled graph)."""
+    return validate and not torch.compiler.is_compiling()
+
+
+def first_bad_index(bad: torch.Tensor) -> int:
+    """Index along dim 0 of the first row with any True in ``bad`` (-1 if none)."""
+    rows = bad.reshape(bad.shape[0], -1).any(dim=1) if bad.dim() > 1 else bad
+    idx = torch.nonzero(rows)
+    return int(idx[0, 0]) if idx.numel() else -1
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    """Raise if ``t`` holds NaN or Inf, naming the first bad sample."""
+    if t.is_floating_point():
+        bad = first_bad_index(~torch.isfinite(t))
+        if bad >= 0:
+            raise ValueError(f"{name}: non-finite value (NaN or Inf) in sample {bad}")
+
+
+def check_per_sample(name: str, t: torch.Tensor, batch: int, device: torch.device) -> None:
+    """``t`` must be a floating ``(batch,)`` tensor on ``device`` with finite values."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of shape ({batch},), got {type(t).__name__}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},) (one value per sample), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: on device {t.device}, but the batch is on {device}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+    check_finite(name, t)
+
+
+def check_same_layout(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
+    """Every tensor in ``others`` has the shape, dtype and device of ``reference``."""
+    if reference.dim() < 1 or reference.shape[0] < 1:
+        raise ValueError(f"{reference_name}: expected a batch (B, ...) with B >= 1, got {tuple(reference.shape)}")
+    for name, t in others.items():
+        if t.shape != reference.shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} differs from {reference_name}'s {tuple(reference.shape)}")
+        if t.dtype != reference.dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} differs from {reference_name}'s {reference.dtype}")
+        if t.device != reference.device:
+            raise ValueError(f"{name}: device {t.device} differs from {reference_name}'s {reference.device}")
+    if reference.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"{reference_name}: unsupported dtype {reference.dtype} (use fp16/bf16/fp32/fp64)")
+
+
+def check_sigma_pair(
+    sigma: torch.Tensor,
+    sigma_min: torch.Tensor,
+    batch: torch.Tensor,
+    schedule: str,
+    sigma_max: torch.Tensor | None = None,
+) -> None:
+    """Per-sample levels: ``sigma > 0``, ``sigma_min >= 0``, ``sigma_max >= 0``; VP levels < 1."""
+    if not active():
+        return
+    n, device = batch.shape[0], batch.device
+    check_per_sample("sigma", sigma, n, device)
+    check_per_sample("sigma_min", sigma_min, n, device)
+    bad = first_bad_index(sigma <= 0)
+    if bad >= 0:
+        raise ValueError(f"sigma: must be > 0, sample {bad} has {float(sigma[bad])}")
+    bad = first_bad_index(sigma_min < 0)
+    if bad >= 0:
+        raise ValueError(f"sigma_min: must be >= 0, sample {bad} has {float(sigma_min[bad])}")
+    if sigma_max is not None:
+        check_per_sample("sigma_max", sigma_max, n, device)
+        bad = first_bad_index(sigma_max < 0)
+        if bad >= 0:
+            raise ValueError(f"sigma_max: must be >= 0, sample {bad} has {float(sigma_max[bad])}")
+    if schedule == "vp":
+        for name, t in (("sigma", sigma), ("sigma_min", sigma_min)):
+            bad = first_bad_index(t >= 1)
+            if bad >= 0:
+                raise ValueError(f"{name}: VP noise std must be < 1, sample {bad} has {float(t[bad])}")

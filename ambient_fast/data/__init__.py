@@ -1,0 +1,1 @@
+"""Datasets with per-sample sigma_min, corruptions, input pipelines (DALI and torch)."""

@@ -1,0 +1,1 @@
+"""Training, annotation and the Ambient Dataloops orchestrator."""
