@@ -29,7 +29,7 @@ def _batch(b=4, shape=(3, 5), dtype=torch.float32, seed=0):
 @pytest.mark.parametrize("field", ["pred", "y_t", "y_tmin", "sigma", "sigma_min"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_input_names_argument_and_sample(field, bad):
-    args = dict(zip(["pred", "y_t", "y_tmin", "sigma", "sigma_min"], _batch()))
+    args = dict(zip(["pred", "y_t", "y_tmin", "sigma", "sigma_min"], _batch(), strict=True))
     args[field] = args[field].clone()
     args[field][2] = bad
     with pytest.raises(ValueError, match=rf"{field}: non-finite.*sample 2"):
@@ -104,9 +104,13 @@ def test_locality_rows_train_as_clean_and_contraction_uses_plain_coefficients():
     sigma = torch.tensor([0.3, 2.0, 2.0], dtype=torch.float64)
     sigma_min = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
     sigma_max = torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)
-    loss = af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, sigma_max=sigma_max, weight=None, reduction="none")
+    loss = af.ambient_loss(
+        pred, y_t, y_tmin, sigma, sigma_min, sigma_max=sigma_max, weight=None, reduction="none"
+    )
     assert torch.allclose(loss[0], ((pred[0] - y_tmin[0]) ** 2).mean())  # locality: sm treated as 0
-    contraction = af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, weight=None, mode="contraction", reduction="none")
+    contraction = af.ambient_loss(
+        pred, y_t, y_tmin, sigma, sigma_min, weight=None, mode="contraction", reduction="none"
+    )
     assert torch.allclose(contraction[1], ((pred[1] - y_tmin[1]) ** 2).mean())
     assert not torch.allclose(loss[1], contraction[1])
 
@@ -123,7 +127,8 @@ def test_reductions_and_user_weight():
     )
     w = torch.rand(6)
     plain = af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, weight=None, reduction="none")
-    torch.testing.assert_close(af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, weight=w, reduction="none"), w * plain)
+    weighted = af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, weight=w, reduction="none")
+    torch.testing.assert_close(weighted, w * plain)
 
 
 def test_coefficients_are_finite_for_rows_that_do_not_train():

@@ -9,7 +9,8 @@ before the loop, so the loop itself never syncs.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 
