@@ -12,8 +12,8 @@ import functools
 import importlib.util
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -54,7 +54,7 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_backend() -> Backend | None:
     if not (_module_exists("triton") and _module_exists("ambient_fast.kernels.ambient_loss")):
         return None
@@ -71,7 +71,7 @@ def _triton_backend() -> Backend | None:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpp_backend() -> Backend | None:
     if not _module_exists("ambient_fast.kernels.cpu_ops"):
         return None
