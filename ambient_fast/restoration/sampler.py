@@ -1,0 +1,464 @@
+"""Fixed-shape batched restoration sampler: one CUDA graph for the whole K-step loop.
+
+Math: SPEC 5 (restoration = posterior sampling) with the SPEC 4 update steps; the reference
+of one batch is :func:`ambient_fast.samplers.restore.restore`, and this engine computes the
+same thing (tests check it) under three constraints that the reference does not have:
+
+- **Static shapes and addresses.** Every input of a batch lives in a static device buffer:
+  the stored samples ``raw (B, *shape)`` (uint8 images or floats), the start levels
+  ``sigma_start (B,)``, the per-sample level table ``(K+1, B)`` float64 (transposed, so a
+  step's column is contiguous), and the per-sample seeds ``(B,)`` int64. The loop reads only
+  those, so it is captured once per batch shape and replayed for every batch; a partial last
+  batch is padded by the caller (rows repeat row 0), never recaptured.
+- **No host syncs, no value-dependent Python.** The loop structure depends on ``(K, method,
+  final_to_zero)`` only: with ``sigma_out = 0`` every sample's last step goes to 0 (an Euler
+  step; NFE ``2K-1`` for Heun, the anchors' 35 at K = 18), otherwise every step is a full Heun
+  step (NFE ``2K``). Zero-length steps (``sigma_min <= sigma_floor``) are computed, not
+  skipped: they leave the state unchanged.
+- **Counter-based noise.** Start and step noise come from
+  :func:`ambient_fast.core.noise.sample_normal` on each sample's own seed (pure tensor
+  ops, no generator state), so replays draw the right noise and a sample's output does not
+  depend on its batch, its padding or its rank.
+
+Execution modes (``compile`` x ``cuda_graph``): the per-step function (one Euler, Heun or
+ancestral step, network evaluations included) runs eagerly with the fused step kernels of
+:mod:`ambient_fast.kernels.dispatch`, or is ``torch.compile``d with ``fullgraph=True`` (then
+the plain-PyTorch step ops are used so Inductor fuses them with the network's epilogue).
+``cuda_graph=True`` captures the whole K-step trajectory -- start noise, steps, output
+quantisation -- into one ``torch.cuda.CUDAGraph`` after a warm-up on a side stream (which
+also triggers compilation). ``compile="reduce-overhead"`` instead lets Inductor's CUDA-graph
+trees capture each step (our graph is then off: graphs cannot nest).
+
+Host <-> device: inputs go host (pinned) -> device staging on a copy stream (double
+buffered, so the copy of batch j+1 overlaps the replay of batch j), then one D2D copy into
+the static buffers on the compute stream; the output (already quantised to the storage dtype
+on the device) is copied back into the host batch's pinned buffer and an event is recorded.
+Nothing here waits on the device: the consumer of a :class:`HostBatch` waits on its event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..core.noise import STREAM_NATURE, STREAM_RESTORE, STREAM_STEP, derive_seeds, sample_normal
+from ..kernels.dispatch import REFERENCE, Backend, step_backend
+from ..samplers.restore import RESTORE_SIGMA_FLOOR, restoration_grid
+
+__all__ = [
+    "Codec",
+    "IMAGE_UINT8",
+    "float_codec",
+    "CompileMode",
+    "Method",
+    "StartNoise",
+    "SamplerConfig",
+    "HostBatch",
+    "RestorationSampler",
+    "fill_host_batch",
+]
+
+Method = Literal["heun", "euler", "stochastic"]
+StartNoise = Literal["fresh", "training", "none"]
+CompileMode = Literal["none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"]
+METHODS: tuple[str, ...] = ("heun", "euler", "stochastic")
+START_NOISE: tuple[str, ...] = ("fresh", "training", "none")
+COMPILE_MODES: tuple[str, ...] = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How stored samples map to model space and back, on the device.
+
+    ``uint8_image``: ``x = u8 / 127.5 - 1`` and ``u8 = clip(round(x * 127.5 + 127.5), 0, 255)``
+    (the project's convention, :func:`ambient_fast.data._io.to_uint8_image`; EDM truncates
+    ``x * 127.5 + 128``, which differs only on exact ties). ``float``: identity, stored as
+    ``dtype``.
+    """
+
+    kind: Literal["uint8_image", "float"]
+    dtype: torch.dtype  # storage dtype of inputs and outputs
+
+    def to_model(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.kind == "uint8_image":
+            return raw.to(dtype) / 127.5 - 1
+        return raw.to(dtype)
+
+    def from_model(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "uint8_image":
+            return (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
+        return x.to(self.dtype)
+
+
+IMAGE_UINT8 = Codec("uint8_image", torch.uint8)
+
+
+def float_codec(dtype: torch.dtype) -> Codec:
+    """Identity codec for tensors stored as ``dtype`` (float16/32/64) in model units."""
+    if dtype not in (torch.float16, torch.float32, torch.float64):
+        raise ValueError(f"float storage must be float16, float32 or float64, got {dtype}")
+    return Codec("float", dtype)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Everything that fixes the captured loop (see the module docstring)."""
+
+    num_steps: int = 18  # grid points before the final level (anchor: 18 -> NFE 35 with Heun)
+    method: Method = "heun"  # heun | euler | stochastic (ancestral reverse SDE, SPEC 5)
+    final_to_zero: bool = True  # sigma_out == 0: last step integrates to the data
+    start_noise: StartNoise = "fresh"  # fresh per-sample noise | the training's frozen noise | none (stored noisy)
+    state_dtype: torch.dtype = torch.float32  # sampler state (anchors: float64)
+    amp_dtype: torch.dtype | None = None  # autocast dtype for the network (None: its own dtype)
+    compile: CompileMode = "none"  # torch.compile mode of the per-step function
+    cuda_graph: bool | None = None  # capture the whole loop; None: on for CUDA unless reduce-overhead
+    backend: str = "auto"  # fused step ops for eager steps (see kernels.dispatch)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.start_noise not in START_NOISE:
+            raise ValueError(f"start_noise must be one of {START_NOISE}, got {self.start_noise!r}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.state_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"state_dtype must be float32 or float64, got {self.state_dtype}")
+        if self.amp_dtype not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"amp_dtype must be None, bfloat16 or float16, got {self.amp_dtype}")
+        if self.cuda_graph and self.compile == "reduce-overhead":
+            raise ValueError("compile='reduce-overhead' captures its own CUDA graphs; use cuda_graph=False with it")
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations per sample."""
+        if self.method != "heun":
+            return self.num_steps
+        return 2 * self.num_steps - (1 if self.final_to_zero else 0)
+
+
+@dataclass
+class HostBatch:
+    """One batch on the host: inputs filled by the reader, the output filled by the sampler.
+
+    Rows ``[count:]`` are padding (copies of row 0). Pinned when the sampler is on CUDA.
+    After :meth:`RestorationSampler.submit`, call :meth:`wait` before reading ``out``.
+    """
+
+    raw: torch.Tensor  # (B, *shape) storage dtype: the stored samples y0
+    sigma_start: torch.Tensor  # (B,) float64: sigma_min of each sample
+    table: torch.Tensor  # (B, K+1) float64: per-sample levels (restoration_grid)
+    seeds: torch.Tensor  # (B,) int64: per-sample seeds for the start and step noise
+    start_seeds: torch.Tensor  # (B,) int64: seeds of the training's frozen noise (start_noise="training")
+    out: torch.Tensor  # (B, *shape) storage dtype: restored samples
+    count: int = 0
+    ready: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        """Block the calling thread until ``out`` holds this batch's result."""
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+def fill_host_batch(
+    batch: HostBatch,
+    sample_ids: torch.Tensor,
+    sigma_min: torch.Tensor,
+    *,
+    sigma_out: float,
+    num_steps: int,
+    seed: int,
+    training_noise_seed: int = 0,
+    rho: float = 7.0,
+    sigma_floor: float = RESTORE_SIGMA_FLOOR,
+) -> None:
+    """Fill the per-sample levels and seeds of ``batch`` for ``n`` samples (SPEC 5).
+
+    ``batch.raw[:n]`` must already hold the samples. Rows ``n:`` are padded with row 0 (a
+    valid, finite input whose result is discarded).
+
+    Args:
+        sample_ids: int ``(n,)`` dataset indices (seeds derive from ``(seed, id)``).
+        sigma_min: ``(n,)`` start levels (> 0).
+        sigma_out: common stop level (0: integrate to the data).
+        num_steps, rho, sigma_floor: the grid (:func:`~ambient_fast.samplers.restore.restoration_grid`).
+        seed: run seed of the restoration noise; training_noise_seed: the training's
+            ``noise_seed`` (for ``start_noise="training"``, as in ``noisy_pair``).
+    """
+    n = int(sample_ids.shape[0])
+    if not 1 <= n <= batch.raw.shape[0]:
+        raise ValueError(f"a batch holds 1..{batch.raw.shape[0]} samples, got {n}")
+    sm = sigma_min.to(torch.float64)
+    batch.count = n
+    batch.sigma_start[:n] = sm
+    batch.table[:n] = restoration_grid(sm, torch.full_like(sm, sigma_out), num_steps, rho=rho, sigma_floor=sigma_floor)
+    batch.seeds[:n] = derive_seeds(sample_ids, seed)
+    batch.start_seeds[:n] = derive_seeds(sample_ids, training_noise_seed)
+    for t in (batch.raw, batch.sigma_start, batch.table, batch.seeds, batch.start_seeds):
+        t[n:] = t[:1]
+
+
+class RestorationSampler:
+    """Restores fixed-size batches ``(B, *shape)`` on one device (SPEC 5; see module doc).
+
+    Args:
+        denoiser: EDM denoiser ``D(x, sigma) -> x0`` (``x`` ``(B, *shape)``, ``sigma``
+            ``(B,)`` float64), e.g. :class:`~ambient_fast.EDMPrecond`. Must be a pure function
+            of its inputs (eval mode, no host syncs) to be captured.
+        sample_shape: per-sample shape, e.g. ``(3, 32, 32)``.
+        batch_size: ``B``, the static batch of the captured loop.
+        config: :class:`SamplerConfig`.
+        codec: storage <-> model space (:data:`IMAGE_UINT8` or :func:`float_codec`).
+        device: where to run.
+    """
+
+    def __init__(
+        self,
+        denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        sample_shape: tuple[int, ...],
+        batch_size: int,
+        config: SamplerConfig,
+        *,
+        codec: Codec = IMAGE_UINT8,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.cuda = self.device.type == "cuda"
+        if config.cuda_graph and not self.cuda:
+            raise ValueError("cuda_graph=True needs a CUDA device")
+        self.use_graph = self.cuda and config.compile != "reduce-overhead" and config.cuda_graph is not False
+        self.config, self.codec = config, codec
+        self.denoiser = denoiser
+        self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.batch_size = batch_size
+        k1 = config.num_steps + 1
+        dev = self.device
+        # Static device buffers: the only memory the captured loop reads and writes.
+        self.raw_in = torch.zeros((batch_size, *self.sample_shape), dtype=codec.dtype, device=dev)
+        self.sigma_start = torch.ones(batch_size, dtype=torch.float64, device=dev)
+        self.table = torch.ones(k1, batch_size, dtype=torch.float64, device=dev)
+        self.seeds = torch.zeros(batch_size, dtype=torch.int64, device=dev)
+        self.start_seeds = torch.zeros(batch_size, dtype=torch.int64, device=dev)
+        self.raw_out = torch.zeros((batch_size, *self.sample_shape), dtype=codec.dtype, device=dev)
+        self._steps = self._build_steps()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if self.cuda:
+            self._stream = torch.cuda.current_stream(dev)
+            self._copy_stream = torch.cuda.Stream(dev)
+            self._staging = [self._device_inputs() for _ in range(2)]
+            self._copied = [torch.cuda.Event() for _ in range(2)]
+            self._consumed = [torch.cuda.Event() for _ in range(2)]
+            self._slot = 0
+
+    # ------------------------------------------------------------------ the loop
+    def _build_steps(self) -> list[Callable[..., torch.Tensor]]:
+        """The per-step functions, one per step index (compiled ones are shared)."""
+        cfg = self.config
+        compiled = cfg.compile != "none"
+        ops: Backend = REFERENCE if compiled else step_backend(cfg.backend, self.device)
+        denoise = self._network_call()
+
+        def heun(x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+            denoised = denoise(x, t_cur)
+            x_euler = ops.euler_step(x, denoised, t_cur, t_next)
+            return ops.heun_step(x, denoised, denoise(x_euler, t_next), t_cur, t_next)
+
+        def euler(x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+            return ops.euler_step(x, denoise(x, t_cur), t_cur, t_next)
+
+        def ancestral(x: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            return ops.ancestral_step(x, denoise(x, t_cur), noise, t_cur, t_next)
+
+        if compiled:
+            mode = None if cfg.compile == "default" else cfg.compile
+            heun, euler, ancestral = (
+                torch.compile(fn, mode=mode, fullgraph=True, dynamic=False) for fn in (heun, euler, ancestral)
+            )
+        k = cfg.num_steps
+        if cfg.method == "stochastic":
+            return [ancestral] * k
+        if cfg.method == "euler":
+            return [euler] * k
+        return [heun] * (k - 1) + [euler if cfg.final_to_zero else heun]
+
+    def _network_call(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        denoiser, amp, device_type = self.denoiser, self.config.amp_dtype, self.device.type
+        if amp is None:
+            return denoiser
+
+        def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            with torch.autocast(device_type, dtype=amp):
+                return denoiser(x, sigma).to(x.dtype)
+
+        return call
+
+    def _start(self) -> torch.Tensor:
+        """``x = y0 + sigma_min eps`` (SPEC 5 step 1) in the state dtype."""
+        cfg = self.config
+        y0 = self.codec.to_model(self.raw_in, cfg.state_dtype)
+        if cfg.start_noise == "none":
+            return y0
+        seeds, stream = (
+            (self.seeds, STREAM_RESTORE) if cfg.start_noise == "fresh" else (self.start_seeds, STREAM_NATURE)
+        )
+        eps = sample_normal(seeds, self.sample_shape, stream=stream, dtype=cfg.state_dtype)
+        view = (-1,) + (1,) * len(self.sample_shape)
+        return y0 + self.sigma_start.to(cfg.state_dtype).view(view) * eps
+
+    def _trajectory(self) -> None:
+        """The whole K-step loop on the static buffers (what the CUDA graph captures)."""
+        cfg = self.config
+        mark_step = cfg.compile == "reduce-overhead"
+        x = self._start()
+        for i, step in enumerate(self._steps):
+            if mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            t_cur, t_next = self.table[i], self.table[i + 1]
+            if cfg.method == "stochastic":
+                noise = sample_normal(self.seeds, self.sample_shape, stream=STREAM_STEP + i, dtype=cfg.state_dtype)
+                x = step(x, t_cur, t_next, noise)
+            else:
+                x = step(x, t_cur, t_next)
+            if mark_step:
+                x = x.clone()  # CUDA-graph trees reuse a step's output memory on its next replay
+        self.raw_out.copy_(self.codec.from_model(x))
+
+    def _capture(self) -> None:
+        """Warm up on a side stream (lazy init, autotuning, compilation), then capture."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(self._stream)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._trajectory()
+        self._stream.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            self._trajectory()
+        self._stream.wait_stream(side)
+        self.graph = graph
+
+    def _run(self) -> None:
+        if not self.use_graph:
+            self._trajectory()
+            return
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+
+    # ------------------------------------------------------------------ host <-> device
+    def _device_inputs(self) -> tuple[torch.Tensor, ...]:
+        b, k1, dev = self.batch_size, self.config.num_steps + 1, self.device
+        return (
+            torch.empty((b, *self.sample_shape), dtype=self.codec.dtype, device=dev),
+            torch.empty(b, dtype=torch.float64, device=dev),
+            torch.empty(b, k1, dtype=torch.float64, device=dev),
+            torch.empty(b, dtype=torch.int64, device=dev),
+            torch.empty(b, dtype=torch.int64, device=dev),
+        )
+
+    def new_host_batch(self) -> HostBatch:
+        """An empty :class:`HostBatch` for this sampler (pinned on CUDA)."""
+        b, k1, pin = self.batch_size, self.config.num_steps + 1, self.cuda
+
+        def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+
+        return HostBatch(
+            raw=alloc((b, *self.sample_shape), self.codec.dtype),
+            sigma_start=alloc((b,), torch.float64),
+            table=alloc((b, k1), torch.float64),
+            seeds=alloc((b,), torch.int64),
+            start_seeds=alloc((b,), torch.int64),
+            out=alloc((b, *self.sample_shape), self.codec.dtype),
+        )
+
+    def _load_static(
+        self,
+        raw: torch.Tensor,
+        sigma_start: torch.Tensor,
+        table: torch.Tensor,
+        seeds: torch.Tensor,
+        start_seeds: torch.Tensor,
+    ) -> None:
+        self.raw_in.copy_(raw)
+        self.sigma_start.copy_(sigma_start)
+        self.table.copy_(table.t())
+        self.seeds.copy_(seeds)
+        self.start_seeds.copy_(start_seeds)
+
+    @torch.no_grad()
+    def submit(self, batch: HostBatch) -> None:
+        """Restore ``batch`` (all ``B`` rows, padding included) into ``batch.out``.
+
+        On CUDA this only enqueues work: H2D on the copy stream, the replay and the D2H on
+        the compute stream, then records ``batch.ready``. On CPU it runs synchronously.
+        Inference only: runs under ``torch.no_grad``.
+        """
+        host = (batch.raw, batch.sigma_start, batch.table, batch.seeds, batch.start_seeds)
+        if not self.cuda:
+            self._load_static(*host)
+            self._run()
+            batch.out.copy_(self.raw_out)
+            batch.ready = None
+            return
+        k = self._slot
+        self._slot ^= 1
+        staging = self._staging[k]
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_stream.wait_event(self._consumed[k])  # the replay two batches ago read it
+            for dev, src in zip(staging, host, strict=True):
+                dev.copy_(src, non_blocking=True)
+            self._copied[k].record(self._copy_stream)
+        with torch.cuda.stream(self._stream):  # whatever the caller's current stream is
+            self._stream.wait_event(self._copied[k])
+            self._load_static(*staging)
+            self._consumed[k].record(self._stream)
+            self._run()
+            batch.out.copy_(self.raw_out, non_blocking=True)
+            batch.ready = torch.cuda.Event()
+            batch.ready.record(self._stream)
+
+    def restore(
+        self,
+        raw: torch.Tensor,
+        sample_ids: torch.Tensor,
+        sigma_min: torch.Tensor,
+        *,
+        sigma_out: float = 0.0,
+        seed: int = 0,
+        training_noise_seed: int = 0,
+        rho: float = 7.0,
+        sigma_floor: float = RESTORE_SIGMA_FLOOR,
+    ) -> torch.Tensor:
+        """Synchronous convenience: restore ``n <= B`` stored samples, return ``(n, *shape)``.
+
+        ``raw`` is in the storage dtype; ``sigma_min > sigma_out`` for every row. The
+        dataset engine uses :meth:`submit` instead (asynchronous, reused host buffers).
+        """
+        batch = self.new_host_batch()
+        n = raw.shape[0]
+        if n > self.batch_size or tuple(raw.shape[1:]) != self.sample_shape:
+            raise ValueError(f"raw: expected (<= {self.batch_size}, *{self.sample_shape}), got {tuple(raw.shape)}")
+        batch.raw[:n] = raw
+        fill_host_batch(
+            batch,
+            sample_ids,
+            sigma_min,
+            sigma_out=sigma_out,
+            num_steps=self.config.num_steps,
+            seed=seed,
+            training_noise_seed=training_noise_seed,
+            rho=rho,
+            sigma_floor=sigma_floor,
+        )
+        self.submit(batch)
+        batch.wait()
+        return batch.out[:n].clone()
