@@ -6,7 +6,12 @@ Public API (SPEC.md sections in brackets):
   :func:`noisy_pair` [2]
 - :class:`EDMPrecond`, :class:`VPToEDM` [1]
 - :func:`karras_sigmas`, :func:`sample` [4]
-- :func:`restore` [5]
+- :func:`restore` [5]; :func:`restore_dataset` (whole datasets: CUDA graphs, resume,
+  torch.distributed), :func:`save_denoiser` / :func:`load_denoiser` (safetensors checkpoints)
+
+Subpackages: ``data`` (formats, sidecars, pipelines), ``nn`` (networks), ``eval`` (FID),
+``loops`` (training, annotation, dataloops), ``compat`` (EDM / Ambient-o drop-in),
+``latent`` (text-to-image restoration), ``kernels`` (Triton / C++ fused ops).
 """
 
 from .core import (
@@ -21,6 +26,7 @@ from .core import (
     noisy_pair,
     sample_normal,
 )
+from .restoration import load_denoiser, restore_dataset, save_denoiser
 from .samplers import restore, sample
 
 __version__ = "0.1.0"
@@ -35,8 +41,11 @@ __all__ = [
     "edm_training_sigmas",
     "eligible",
     "karras_sigmas",
+    "load_denoiser",
     "noisy_pair",
     "restore",
+    "restore_dataset",
     "sample",
     "sample_normal",
+    "save_denoiser",
 ]

@@ -639,6 +639,20 @@ def test_cli_dry_run_and_run(sd_pipeline, source_shards, tmp_path, capsys):
             parser.parse_args(base + ["--dst", "x"] + bad)
 
 
+def test_restore_command_routes_diffusers_to_latent_restoration(sd_pipeline, source_shards, tmp_path, capsys):
+    """``ambient-fast restore --diffusers ...`` is the latent path, with text-to-image defaults."""
+    from ambient_fast.cli import main
+
+    base = ["restore", "--src", str(source_shards), "--diffusers", str(sd_pipeline), "--device", "cpu"]
+    assert main(base + ["--dst", str(tmp_path / "dry"), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["levels"]["2"] == {"steps": 15, "network_evaluations": 29}  # anchors' 30-step global grid
+    assert plan["config"]["rho_ambient"] == 2.0 and not (tmp_path / "dry").exists()
+    with pytest.raises(SystemExit):
+        main(base + ["--dst", str(tmp_path / "x"), "--model", str(sd_pipeline / "model_index.json")])
+    assert "not allowed with --diffusers" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------
 # Other pipeline layouts: SDXL (two encoders, pooled + time ids) and PixArt (DiT, learned sigma).
 

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from ambient_fast.cli import build_parser, main
+from ambient_fast.commands.restore import pixel_defaults
 from ambient_fast.core.precond import EDMPrecond
 from ambient_fast.restoration import load_denoiser, read_denoiser_config, save_denoiser
 
@@ -162,5 +163,5 @@ def test_dry_run_and_run(setup, tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_command_is_registered() -> None:
     parser = build_parser()
-    args = parser.parse_args(["restore", "--model", "m", "--src", "s", "--dst", "d"])
+    args = pixel_defaults(parser.parse_args(["restore", "--model", "m", "--src", "s", "--dst", "d"]))
     assert args.method == "heun" and args.num_steps == 18 and args.rho_ambient == 8.0

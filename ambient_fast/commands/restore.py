@@ -19,6 +19,8 @@ examples:
   ambient-fast restore --model ckpt.safetensors --src data/x --dst out/x1 --dry-run
   torchrun --nproc-per-node 8 -m ambient_fast.cli restore --model ckpt.safetensors \\
       --src data/cifar-blur --dst data/cifar-restored --batch-size 1024 --precision bf16
+  ambient-fast restore --diffusers models/my-sd --src shards/diffusiondb --dst shards/restored-1 \
+      --guidance-scale 3.5 --store-latents        # latent text-to-image, captions kept
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_parser=parser)
     io = parser.add_argument_group("input and output")
     io.add_argument(
-        "--model", type=Path, required=True, metavar="CKPT", help="denoiser checkpoint (save_denoiser format)"
+        "--model",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="denoiser checkpoint (save_denoiser format); or --diffusers for latent text-to-image",
     )
     io.add_argument(
         "--src",
@@ -87,10 +93,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--num-steps",
         type=positive_int,
-        default=18,
+        default=None,
         metavar="K",
         help="grid points per sample before the final level; Heun to 0 uses 2K-1 NFE "
-        "(default: %(default)s, the anchors' 35 NFE)",
+        "(default: 18, the anchors' 35 NFE; latent: 30 on the global grid)",
     )
     s.add_argument(
         "--method",
@@ -104,9 +110,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--rho-ambient",
         type=_float_at_least(1.0),
-        default=8.0,
+        default=None,
         metavar="R",
-        help="new annotation sigma_min / R when restoring to 0 (default: %(default)s)",
+        help="new annotation sigma_min / R when restoring to 0 (default: 8, the anchors' pixel runs; latent: 2)",
     )
     s.add_argument(
         "--sigma-out",
@@ -149,8 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--state-dtype",
         choices=("float32", "float64"),
-        default="float32",
-        help="sampler state (anchors: float64) (default: %(default)s)",
+        default=None,
+        help="sampler state (anchors: float64) (default: float32; latent: float64)",
     )
     e.add_argument(
         "--precision",
@@ -187,6 +193,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")
     r.add_argument("--dry-run", action="store_true", help="validate everything, print the plan, write nothing")
+    from ..latent.cli import add_latent_arguments
+
+    add_latent_arguments(parser, common=False)
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -211,8 +220,36 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("argument --cuda-graph: 'on' needs CUDA")
 
 
+def pixel_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options shared with ``--diffusers`` whose default differs per path (pixel: anchors' CIFAR)."""
+    args.num_steps = 18 if args.num_steps is None else args.num_steps
+    args.rho_ambient = 8.0 if args.rho_ambient is None else args.rho_ambient
+    args.state_dtype = args.state_dtype or "float32"
+    return args
+
+
+def _run_latent(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--diffusers``: latent text-to-image restoration of WebDataset shards (ambient_fast.latent)."""
+    from ..latent.cli import run_latent
+
+    if args.model is not None:
+        parser.error("argument --model: not allowed with --diffusers (the pipeline folder holds the model)")
+    if not args.src.exists():
+        parser.error(f"argument --src: no such dataset: {args.src}")
+    args.resume = not args.restart  # like pixel restoration, an unfinished run into --dst is continued
+    args.annotations = None
+    args.device = None if args.device == "auto" else args.device
+    args.state_dtype = args.state_dtype or "float64"
+    return run_latent(args)
+
+
 def run(args: argparse.Namespace) -> int:
     parser = args._parser
+    if args.diffusers is not None:
+        return _run_latent(parser, args)
+    if args.model is None:
+        parser.error("one of the arguments --model or --diffusers is required")
+    pixel_defaults(args)
     _check(parser, args)
     from ..restoration import read_denoiser_config
     from ..restoration.distributed import init_from_env

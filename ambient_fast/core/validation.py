@@ -21,8 +21,10 @@ __all__ = [
 
 
 def active(validate: bool = True) -> bool:
-    """Whether eager checks should run now (never inside a compiled graph)."""
-    return validate and not torch.compiler.is_compiling()
+    """Whether eager checks should run now (never while compiling or capturing a CUDA graph)."""
+    if not validate or torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
 
 
 def first_bad_index(bad: torch.Tensor) -> int:

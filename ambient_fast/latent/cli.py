@@ -73,7 +73,7 @@ def add_latent_arguments(parser: argparse.ArgumentParser, *, common: bool = True
         parser.add_argument("--state-dtype", choices=tuple(_STATE_DTYPES), default="float64",
                             help="sampler state dtype")
     group = parser.add_argument_group("latent text-to-image restoration")
-    group.add_argument("--diffusers", type=Path, required=True, help="local diffusers pipeline folder")
+    group.add_argument("--diffusers", type=Path, required=common, default=None, help="local diffusers pipeline folder")
     group.add_argument("--guidance-scale", type=_number(float, 0, inclusive=True), default=3.5,
                        help="classifier-free guidance scale (anchors: 3.5; 1 = no guidance)")
     group.add_argument("--grid", choices=GRID_SCHEDULES, default="global",
