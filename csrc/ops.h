@@ -1,0 +1,75 @@
+// Entry points of ambient_fast._C (bound in module.cpp). Every entry point checks its
+// arguments first (AF_CHECK -> ValueError) and runs without the GIL.
+#pragma once
+
+#include "common.h"
+
+namespace ambient_fast {
+
+// ---- ambient_loss.cpp (SPEC 2) ----------------------------------------------------------
+struct LossOptions {
+  bool vp = false;           // schedule "vp" (else "ve")
+  bool eps = false;          // target "eps" (else "x0")
+  bool contraction = false;  // eligible corrupt rows use sigma_min = 0 in the coefficients
+  double elig_scale = 1.0;   // mask: sigma > elig_scale * sigma_min + elig_shift
+  double elig_shift = 0.0;
+  bool edm_weight = false;   // lambda_EDM weight when no weight tensor is given
+  double sigma_data = 0.5;
+};
+
+struct LossArgs {
+  DType dtype;            // storage type of pred, y_t, y_tmin and grad
+  std::int64_t batch;     // B
+  std::int64_t numel;     // N elements per sample
+  std::uintptr_t loss;    // out (B,) float32, float64 for float64 storage
+  Rows grad;              // out (B, N) d sum_i loss_i / d pred, storage type; data 0 = none
+  Rows pred, y_t, y_tmin; // (B, N)
+  std::uintptr_t sigma, sigma_min, sigma_max;  // (B,) float64
+  std::uintptr_t weight;  // (B,) float64 or 0 (no weight tensor)
+  LossOptions options;
+};
+
+void ambient_loss(const LossArgs& args);
+
+// ---- solver_step.cpp (SPEC 4) -----------------------------------------------------------
+enum class StepOp { euler, heun, churn, ancestral };
+
+struct StepArgs {
+  DType dtype;                    // storage type of every operand
+  std::int64_t batch, numel;      // (B, N)
+  Rows out;                       // (B, N) output
+  Rows x;                         // (B, N) state
+  Rows a;                         // euler/heun/ancestral: denoised; churn: noise
+  Rows b;                         // heun: denoised_next; ancestral: noise; else unused
+  std::uintptr_t sigma;           // (B,) float64
+  std::uintptr_t sigma_next;      // (B,) float64 (churn: sigma_hat)
+  double s_noise = 1.0;           // churn only
+};
+
+void solver_step(StepOp op, const StepArgs& args);
+
+// ---- noise_first.cpp (SPEC 3) -----------------------------------------------------------
+struct NoiseFirstTables {
+  std::int64_t n;                       // dataset size
+  const double* threshold_sorted;       // (n,) ascending
+  const std::int64_t* threshold_order;  // (n,) dataset index of each sorted threshold
+  const double* threshold_by_index;     // (n,) thresholds in dataset order (locality only)
+  const double* sigma_max_sorted;       // (n,) ascending, or nullptr: no locality rule
+  const std::int64_t* sigma_max_order;  // (n,) or nullptr
+};
+
+struct NoiseFirstDraw {
+  std::uint64_t key;         // stream key of (seed, epoch)
+  std::uint64_t first_slot;  // global slot of the first draw
+  std::int64_t count;        // slots first_slot .. first_slot + count - 1
+  double P_mean, P_std;      // ln sigma ~ N(P_mean, P_std^2)
+  std::int64_t max_attempts; // sigma redraws per slot before giving up
+  std::int64_t* indices;     // out (count,)
+  double* sigmas;            // out (count,)
+};
+
+// Stable argsort: sorted[i] = values[order[i]], ties in index order.
+void sort_levels(const double* values, std::int64_t n, double* sorted, std::int64_t* order);
+void noise_first_draw(const NoiseFirstTables& tables, const NoiseFirstDraw& draw);
+
+}  // namespace ambient_fast
