@@ -402,12 +402,14 @@ class DatasetWriter:
             if Path(dirpath) != self.root and STAGING not in Path(dirpath).parts and not os.listdir(dirpath):
                 os.rmdir(dirpath)
 
-    def close(self, *, extra: dict | None = None, info: dict | None = None) -> Path:
+    def close(self, *, extra: dict | None = None, info: dict | None = None, timestamp: bool = True) -> Path:
         """Write ``annotations.jsonl``, ``dataset.json`` and, last, ``manifest.json``.
 
         Args:
             extra: more manifest sections (e.g. ``{"corruption": {...}}``).
             info: more ``dataset.json`` fields (``labels`` is filled in from the samples).
+            timestamp: record the UTC creation time in the manifest; False makes the version
+                a pure function of its inputs (byte-identical reruns, as restoration needs).
 
         Returns:
             The version folder, ready for :func:`~ambient_fast.data.open_dataset`.
@@ -456,7 +458,6 @@ class DatasetWriter:
             "kind": MANIFEST_KIND,
             "manifest_version": 1,
             "format": self.format,
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "creator": self.creator,
             "parent": self._parent_record,
             "params": self.params,
@@ -467,6 +468,8 @@ class DatasetWriter:
             },
             "files": dict(sorted(files.items())),
         }
+        if timestamp:
+            manifest["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         for name, section in (extra or {}).items():
             if name in manifest:
                 raise ValueError(f"extra manifest section {name!r} would replace a built-in one")

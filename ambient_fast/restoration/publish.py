@@ -135,6 +135,6 @@ def _publish_with_writer(source, run_dir, shard_of, new_sigma_min, new_sigma_max
     packs.close()
     if chunk:
         writer.write_chunk(chunk)
-    writer.close(extra={"restoration": section})
+    writer.close(extra={"restoration": section}, timestamp=False)  # byte-identical on resume
     os.rename(target, run_dir.dst)
     shutil.rmtree(run_dir.root, ignore_errors=True)
