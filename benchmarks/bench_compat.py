@@ -19,7 +19,7 @@ Usage::
 
     python benchmarks/bench_compat.py                      # CPU, small batches
     python benchmarks/bench_compat.py --gpu                # CUDA, CIFAR-10 DDPM++ net, batch 512 / 256
-    python benchmarks/bench_compat.py --write benchmarks/RESULTS_compat.md
+    python benchmarks/bench_compat.py --write benchmarks/results/compat.md
 """
 
 from __future__ import annotations

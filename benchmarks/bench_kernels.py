@@ -15,7 +15,7 @@ Every implementation's output is checked against the eager reference before it i
 
 Usage::
 
-    python benchmarks/bench_kernels.py --out benchmarks/RESULTS_kernels_gpu.md   # CUDA, full sizes
+    python benchmarks/bench_kernels.py --out benchmarks/results/kernels_gpu.md   # CUDA, full sizes
     python benchmarks/bench_kernels.py --smoke --out /tmp/bench_kernels_smoke.md  # CPU sanity (CI)
 
 ``--smoke`` uses tiny sizes and few repetitions; on a machine without CUDA it runs the Triton

@@ -26,7 +26,7 @@ local pipeline folder.
 
 Usage::
 
-    python benchmarks/bench_latent.py --out benchmarks/RESULTS_latent_gpu.md          # CUDA
+    python benchmarks/bench_latent.py --out benchmarks/results/latent_gpu.md          # CUDA
     python benchmarks/bench_latent.py --smoke --out /tmp/bench_latent_smoke.md       # CPU sanity
 """
 
