@@ -8,7 +8,6 @@ works under ``TRITON_INTERPRET=1``, which is how CI tests the kernels).
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 import warnings
@@ -54,8 +53,25 @@ def _module_exists(name: str) -> bool:
         return False
 
 
-@functools.cache
+# Resolved backends by name. A plain dict rather than functools.cache: torch.compile traces
+# through get_backend (it runs inside ambient_loss) and guards on dict entries, while it
+# warns about and bypasses cache wrappers.
+_RESOLVED: dict[str, Backend | None] = {}
+
+
 def _triton_backend() -> Backend | None:
+    if "triton" not in _RESOLVED:
+        _RESOLVED["triton"] = _load_triton_backend()
+    return _RESOLVED["triton"]
+
+
+def _cpp_backend() -> Backend | None:
+    if "cpp" not in _RESOLVED:
+        _RESOLVED["cpp"] = _load_cpp_backend()
+    return _RESOLVED["cpp"]
+
+
+def _load_triton_backend() -> Backend | None:
     if not (_module_exists("triton") and _module_exists("ambient_fast.kernels.ambient_loss")):
         return None
     from . import ambient_loss as loss_mod
@@ -71,8 +87,7 @@ def _triton_backend() -> Backend | None:
     )
 
 
-@functools.cache
-def _cpp_backend() -> Backend | None:
+def _load_cpp_backend() -> Backend | None:
     if not _module_exists("ambient_fast.kernels.cpu_ops"):
         return None
     from . import cpu_ops
