@@ -95,6 +95,47 @@ def epoch_batches(order: np.ndarray, batch_size: int, drop_last: bool) -> list[n
     return batches
 
 
+class EpochPlanMixin:
+    """Epoch planning shared by the DALI and torch loaders (same order, same batches).
+
+    Expects ``dataset``, ``bad`` (:class:`BadSampleLog`), ``batch_sampler`` (or None),
+    ``rank``, ``world_size``, ``shuffle``, ``seed``, ``batch_size``, ``drop_last`` and
+    ``epoch`` on the instance.
+    """
+
+    @property
+    def bad_samples(self) -> dict[int, str]:
+        """``{index: reason}`` of the samples skipped as bad so far."""
+        return self.bad.samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch for the shuffle and augmentation seeds; forwarded to the batch sampler."""
+        self.epoch = int(epoch)
+        self._epoch_set = True
+        if self.batch_sampler is not None and hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(self.epoch)
+
+    def _usable(self) -> np.ndarray:
+        known_bad = np.fromiter(self.bad.samples, dtype=np.int64) if self.bad.samples else np.empty(0, np.int64)
+        return np.setdiff1d(np.arange(len(self.dataset), dtype=np.int64), known_bad)
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        order = epoch_order(
+            self._usable(),
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=epoch,
+        )
+        return epoch_batches(order, self.batch_size, self.drop_last)
+
+    def __len__(self) -> int:
+        if self.batch_sampler is not None:
+            return len(self.batch_sampler)
+        return len(self._epoch_batches(self.epoch))
+
+
 def split_batch(batch: Sequence) -> tuple[np.ndarray, np.ndarray | None]:
     """A sampler batch -> ``(indices int64 (B,), sigma float64 (B,) | None)``.
 

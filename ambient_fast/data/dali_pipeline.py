@@ -57,12 +57,11 @@ from ._io import probe_image
 from .batch import (
     BadSampleLog,
     Batch,
+    EpochPlanMixin,
     LookupTables,
     advance_epoch,
     as_hw,
     check_batch_sampler,
-    epoch_batches,
-    epoch_order,
     iterate_plan,
     prescan,
 )
@@ -131,7 +130,7 @@ class _Feeder:
             return encoded, ids, sigma.astype(np.float64)
 
 
-class DALIBatchLoader:
+class DALIBatchLoader(EpochPlanMixin):
     """Iterable of :class:`~ambient_fast.data.Batch` from a DALI pipeline, one epoch per
     ``iter``. Built by :func:`build_dali_pipeline`.
 
@@ -224,41 +223,6 @@ class DALIBatchLoader:
         self.pipeline = None
         self._epoch_complete = True
         self._wds_ids: dict[tuple[str, int], int] = {}
-
-    # -- plans ----------------------------------------------------------------------------
-
-    @property
-    def bad_samples(self) -> dict[int, str]:
-        return self.bad.samples
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch for the external source's shuffle; forwarded to the batch sampler. DALI's
-        native readers reshuffle on their own each epoch, seeded by ``seed``."""
-        self.epoch = int(epoch)
-        self._epoch_set = True
-        if self.batch_sampler is not None and hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(self.epoch)
-
-    def _usable(self) -> np.ndarray:
-        bad = np.fromiter(self.bad.samples, dtype=np.int64) if self.bad.samples else np.empty(0, np.int64)
-        return np.setdiff1d(np.arange(len(self.dataset), dtype=np.int64), bad)
-
-    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        order = epoch_order(
-            self._usable(),
-            rank=self.rank,
-            world_size=self.world_size,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            epoch=epoch,
-        )
-        return epoch_batches(order, self.batch_size, self.drop_last)
-
-    def __len__(self) -> int:
-        if self.batch_sampler is not None:
-            return len(self.batch_sampler)
-        n = len(epoch_order(self._usable(), rank=self.rank, world_size=self.world_size, shuffle=False, seed=0, epoch=0))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     # -- graph ----------------------------------------------------------------------------
 

@@ -21,13 +21,12 @@ from ._io import probe_image
 from .batch import (
     BadSampleLog,
     Batch,
+    EpochPlanMixin,
     LookupTables,
     advance_epoch,
     as_hw,
     check_batch_sampler,
     crop_offsets,
-    epoch_batches,
-    epoch_order,
     iterate_plan,
     prescan,
 )
@@ -106,7 +105,7 @@ class _PlanSampler(torch.utils.data.Sampler):
         return len(self.loader)
 
 
-class TorchBatchLoader:
+class TorchBatchLoader(EpochPlanMixin):
     """Iterable of :class:`~ambient_fast.data.Batch` over a dataset, one epoch per ``iter``.
 
     Built by :func:`make_torch_loader`; ``set_epoch(e)`` chooses the epoch (else it
@@ -169,37 +168,6 @@ class TorchBatchLoader:
             multiprocessing_context=multiprocessing_context if num_workers > 0 else None,
         )
         self._loader: torch.utils.data.DataLoader | None = None
-
-    @property
-    def bad_samples(self) -> dict[int, str]:
-        return self.bad.samples
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch for the shuffle / augmentation seeds; forwarded to the batch sampler."""
-        self.epoch = int(epoch)
-        self._epoch_set = True
-        if self.batch_sampler is not None and hasattr(self.batch_sampler, "set_epoch"):
-            self.batch_sampler.set_epoch(self.epoch)
-
-    def _usable(self) -> np.ndarray:
-        known_bad = np.fromiter(self.bad.samples, dtype=np.int64) if self.bad.samples else np.empty(0, np.int64)
-        return np.setdiff1d(np.arange(len(self.dataset), dtype=np.int64), known_bad)
-
-    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        order = epoch_order(
-            self._usable(),
-            rank=self.rank,
-            world_size=self.world_size,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            epoch=epoch,
-        )
-        return epoch_batches(order, self.batch_size, self.drop_last)
-
-    def __len__(self) -> int:
-        if self.batch_sampler is not None:
-            return len(self.batch_sampler)
-        return len(self._epoch_batches(self.epoch))
 
     def __iter__(self) -> Iterator[Batch]:
         self._epoch_set = False  # a set_epoch from now on names the *next* pass
