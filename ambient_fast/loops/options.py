@@ -101,6 +101,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...
         metavar="JSON",
         help="extra network options as a JSON object",
     )
+    add("--use-labels", action="store_true", help="class-conditional on the dataset's labels")
     add(
         "--total-images",
         type=positive_int,

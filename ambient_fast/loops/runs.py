@@ -29,6 +29,7 @@ __all__ = [
     "read_json",
     "read_jsonl",
     "resolve_device",
+    "shared_run_dir",
     "write_json",
 ]
 
@@ -43,6 +44,17 @@ def next_run_dir(root: str | Path, desc: str, *, create: bool = True) -> Path:
     if create:
         path.mkdir(parents=True, exist_ok=False)
     return path
+
+
+def shared_run_dir(root: str | Path, desc: str) -> Path:
+    """:func:`next_run_dir` created by rank 0 and broadcast to every rank (torchrun-safe)."""
+    info = dist_info()
+    path = next_run_dir(root, desc) if info.is_main else None
+    if info.world_size > 1:
+        box = [str(path) if path is not None else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        path = Path(box[0])
+    return Path(path)
 
 
 def _json_default(obj: Any) -> Any:

@@ -1,0 +1,197 @@
+"""Run Ambient Dataloops (SPEC 6): train, evaluate, restore the data, re-annotate, repeat.
+
+Every loop's model, restored data version, metrics and config sit side by side in an
+auto-numbered run folder:
+
+  OUT/00003-loop-DESC/
+    config.json  state.json  metrics.json  report.png
+    loop-1/train/{config.json,log.jsonl,training-state.safetensors,denoiser.safetensors}
+    loop-1/metrics.json
+    loop-1/data/            data_1: the original data restored by model_1 (sigma_min / rho)
+    loop-2/...
+
+The run stops early when the metric has not improved for --patience loops and marks the
+best loop in metrics.json. A killed run continues with --resume RUN_DIR from the last
+finished stage (training from its last checkpoint, restoration from the last sample).
+
+examples:
+  ambient-fast loop --data data/digits-noise --ref data/digits-noise-clean --loops 3
+  ambient-fast loop --data data/cifar-blur --ref data/cifar-clean --metric fid \\
+      --network unet-cifar10 --total-images 20000000 --init scratch --rho 8
+  ambient-fast loop --resume runs/00003-loop-digits-noise
+  ambient-fast loop --data data/digits-noise --ref data/digits-clean --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..loops.options import (
+    add_train_arguments,
+    check_train_args,
+    dump_dry_run,
+    existing_dir,
+    float_above,
+    positive_int,
+    train_kwargs_from_args,
+)
+
+HELP = "run Ambient Dataloops: train, evaluate, restore, re-annotate, repeat"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(_parser=parser)
+    parser.add_argument("--data", type=existing_dir, help="original annotated dataset (never modified)")
+    parser.add_argument(
+        "--ref",
+        type=existing_dir,
+        default=None,
+        help="clean reference dataset for the metric (omit: no evaluation, no early stop)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs"), help="parent of the run folder (default: %(default)s)"
+    )
+    parser.add_argument("--desc", default=None, help="run folder suffix (default: the dataset's name)")
+    parser.add_argument(
+        "--resume", type=existing_dir, default=None, metavar="RUN_DIR", help="continue the loop run in RUN_DIR"
+    )
+    g = parser.add_argument_group("loop")
+    g.add_argument("--loops", type=positive_int, default=2, help="train/restore rounds (default: %(default)s)")
+    g.add_argument(
+        "--init",
+        choices=("scratch", "previous"),
+        default="scratch",
+        help="loop k starts from scratch (anchors) or loop k-1's EMA (default: %(default)s)",
+    )
+    g.add_argument(
+        "--start-model",
+        type=Path,
+        default=None,
+        metavar="CKPT",
+        help="use this denoiser as loop 1's model instead of training it (e.g. an Ambient-o model)",
+    )
+    g.add_argument(
+        "--patience",
+        type=positive_int,
+        default=1,
+        help="stop after this many loops without improvement (default: %(default)s)",
+    )
+    g.add_argument(
+        "--metric",
+        choices=("fd_digits", "fid"),
+        default="fd_digits",
+        help="Frechet distance to --ref (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-samples",
+        type=positive_int,
+        default=2000,
+        help="generated samples per evaluation (default: %(default)s)",
+    )
+    g.add_argument(
+        "--eval-steps", type=positive_int, default=18, help="sampler grid points, Heun (default: %(default)s)"
+    )
+    g.add_argument("--no-memorisation", action="store_true", help="skip the memorisation rate")
+    g.add_argument(
+        "--reannotate",
+        choices=("restore", "classifier"),
+        default="restore",
+        help="new sigma_min: the restoration's sigma_min/rho, or the classifier (default: %(default)s)",
+    )
+    g = parser.add_argument_group("restoration")
+    g.add_argument(
+        "--rho",
+        type=float_above(1.0),
+        default=8.0,
+        help="restored samples get sigma_min / rho (anchors: 8; default: %(default)s)",
+    )
+    g.add_argument(
+        "--restore-steps",
+        type=positive_int,
+        default=18,
+        help="grid points per sample (anchors: 18; default: %(default)s)",
+    )
+    g.add_argument(
+        "--restore-method",
+        choices=("heun", "euler", "stochastic"),
+        default="heun",
+        help="sampler (default: %(default)s)",
+    )
+    parser.add_argument("--no-report", action="store_true", help="skip report.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--dry-run", action="store_true", help="validate the options, print the config, write nothing")
+    add_train_arguments(parser, skip=("seed", "device"))
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed (loop k trains with seed + k - 1; default: %(default)s)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] (default: %(default)s)")
+
+
+def loop_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """The :func:`ambient_fast.loops.run_dataloop` keyword arguments given on the command line."""
+    train_kwargs = {k: v for k, v in train_kwargs_from_args(args).items() if k not in ("seed", "device")}
+    return {
+        "loops": args.loops,
+        "init": args.init,
+        "start_model": str(args.start_model) if args.start_model is not None else None,
+        "train_kwargs": train_kwargs,
+        "restore_kwargs": {"rho_ambient": args.rho, "num_steps": args.restore_steps, "method": args.restore_method},
+        "reannotate": args.reannotate,
+        "reference": str(args.ref) if args.ref is not None else None,
+        "metric": args.metric,
+        "eval_samples": args.eval_samples,
+        "eval_steps": args.eval_steps,
+        "memorisation": not args.no_memorisation,
+        "patience": args.patience,
+        "seed": args.seed,
+        "device": args.device,
+        "report": not args.no_report,
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    parser = args._parser
+    check_train_args(parser, args)
+    if args.seed < 0:
+        parser.error(f"argument --seed: must be >= 0, got {args.seed}")
+    from ..loops.runs import read_json
+
+    if args.resume is not None:
+        if not (args.resume / "config.json").exists():
+            parser.error(f"argument --resume: {args.resume} has no config.json (not a loop run)")
+        saved = read_json(args.resume / "config.json")
+        kwargs = {k: v for k, v in saved.items() if k not in ("data", "run_dir", "resume", "progress")}
+        if args.loops != parser.get_default("loops"):  # continue a finished run with more loops
+            kwargs["loops"] = args.loops
+        data, run_dir = Path(saved["data"]), args.resume
+    else:
+        if args.data is None:
+            parser.error("argument --data: required (unless --resume is given)")
+        if args.start_model is not None and not args.start_model.is_file():
+            parser.error(f"argument --start-model: no such file: {args.start_model}")
+        if args.metric == "fid" and args.ref is not None:
+            from ..eval import resolve_inception_weights
+
+            try:
+                resolve_inception_weights()
+            except FileNotFoundError as err:
+                parser.error(f"argument --metric: fid needs the Inception weights: {err}")
+        kwargs = loop_kwargs_from_args(args)
+        data, run_dir = args.data, None
+    if args.dry_run:
+        where = run_dir or args.out / f"NNNNN-loop-{args.desc or data.name}"
+        dump_dry_run(f"run {kwargs['loops']} loop(s) on {data} into {where}", kwargs)
+        return 0
+    from ..loops.dataloop import run_dataloop
+    from ..loops.runs import init_distributed, print0, shared_run_dir
+
+    init_distributed(kwargs["device"])
+    run_dir = run_dir or shared_run_dir(args.out, f"loop-{args.desc or data.name}")
+    result = run_dataloop(data, run_dir, **kwargs, resume=args.resume is not None, progress=not args.no_progress)
+    for r in result.loops:
+        value = f"{r['value']:.3f}" if r.get("value") is not None else "-"
+        print0(f"loop {r['loop']}: {kwargs['metric']} {value}" + (" (best)" if r["loop"] == result.best_loop else ""))
+    if result.stopped_early:
+        print0(f"stopped early: no improvement for {kwargs['patience']} loop(s)")
+    print0(f"run folder: {result.run_dir}")
+    return 0

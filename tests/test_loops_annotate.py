@@ -1,0 +1,101 @@
+"""Classifier-based sigma_min annotation (Ambient-o) finds a known crossing.
+
+Synthetic data with a closed-form answer: clean samples sit at ``-mu``, corrupt ones at
+``+mu`` (d = 8). At noise sigma the Bayes classifier's log-odds for a corrupt sample are
+``N(m, 2m)`` with ``m = |2 mu|^2 / (2 sigma^2)``, so its mean probability crosses
+``0.5 + eps`` where ``E[sigmoid(N(m, 2m))] = 0.5 + eps``: a known ``sigma*``.
+"""
+
+import math
+
+import pytest
+import torch
+
+from ambient_fast.loops.annotate import (
+    annotation_sigmas,
+    classifier_probabilities,
+    crossing_sigmas,
+    fixed_sigma_min,
+    smooth_along_sigma,
+    train_classifier,
+)
+from ambient_fast.nn import build_network
+
+DIM, SHIFT, EPS = 8, 0.12, 0.05
+
+
+def _expected_sigmoid(m: float) -> float:
+    z = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+    w = torch.exp(-z * z / 2)
+    return float((torch.sigmoid(m + math.sqrt(2 * m) * z) * w).sum() / w.sum())
+
+
+def _known_crossing() -> float:
+    lo, hi = 1e-6, 5.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _expected_sigmoid(mid) < 0.5 + EPS else (lo, mid)
+    delta = 2 * SHIFT * math.sqrt(DIM)
+    return delta / math.sqrt(2 * lo)
+
+
+def _data(n: int = 40):
+    mu = torch.full((DIM,), SHIFT)
+    return -mu.expand(n, DIM).clone(), mu.expand(n, DIM).clone(), mu
+
+
+def test_exact_classifier_recovers_the_closed_form_crossing():
+    _, corrupt, mu = _data()
+    star = _known_crossing()
+
+    def bayes(x, sigma):  # log-odds corrupt vs clean at noise sigma
+        v = (sigma**2).unsqueeze(1)
+        return (((x + mu) ** 2 - (x - mu) ** 2) / (2 * v)).sum(1)
+
+    sigmas = annotation_sigmas(0.01, 10.0, 128)
+    probs = classifier_probabilities(bayes, corrupt, sigmas, trials=256, batch_rows=50_000)
+    crossing = crossing_sigmas(probs, sigmas, epsilon=EPS)
+    assert crossing.median() == pytest.approx(star, rel=0.06)
+
+
+def test_trained_classifier_finds_the_crossing():
+    clean, corrupt, _ = _data()
+    star = _known_crossing()
+    classifier, accuracy = train_classifier(
+        clean, corrupt, build_network("mlp-small", data_dim=DIM), steps=500, batch_size=128, seed=0
+    )
+    assert accuracy > 0.7
+    sigmas = annotation_sigmas(0.01, 10.0, 64)
+    probs = classifier_probabilities(classifier, corrupt, sigmas, trials=8)
+    crossing = crossing_sigmas(probs, sigmas, epsilon=EPS, smooth_span=4)
+    assert 0.6 * star < float(crossing.median()) < 1.6 * star
+    # Far below the crossing it tells them apart; far above it cannot.
+    assert float(probs[:, sigmas < 0.1].mean()) > 0.9
+    assert abs(float(probs[:, sigmas > 6].mean()) - 0.5) < 0.1
+
+
+def test_probabilities_do_not_depend_on_the_batch():
+    _, corrupt, mu = _data(5)
+    clf = lambda x, s: (x * mu).sum(1) / s  # noqa: E731
+    sigmas = annotation_sigmas(0.1, 3.0, 7)
+    a = classifier_probabilities(clf, corrupt, sigmas, trials=3, batch_rows=4)
+    b = classifier_probabilities(clf, corrupt, sigmas, trials=3, batch_rows=1000)
+    torch.testing.assert_close(a, b)
+
+
+def test_crossing_rules():
+    sigmas = torch.tensor([0.1, 0.2, 0.4, 0.8])
+    probs = torch.tensor([[0.99, 0.9, 0.52, 0.5], [0.99, 0.99, 0.99, 0.98]])
+    assert crossing_sigmas(probs, sigmas).tolist() == pytest.approx([0.4, 0.8])  # never crosses: last sigma
+    smoothed = smooth_along_sigma(probs, span=3)
+    assert smoothed[0, 2] > probs[0, 2]  # the EWM lags: conservative
+    with pytest.raises(ValueError, match="increasing"):
+        crossing_sigmas(probs, sigmas.flip(0))
+
+
+def test_fixed_presets():
+    assert fixed_sigma_min("blur", 0.6) == 1.2
+    assert fixed_sigma_min("jpeg", 18) == 1.6
+    assert fixed_sigma_min("noise", 0.3) == 0.3
+    with pytest.raises(ValueError, match="blur 0.7"):
+        fixed_sigma_min("blur", 0.7)
