@@ -276,3 +276,31 @@ def test_restore_passes_clean_samples_through_and_is_batch_independent():
     torch.testing.assert_close(part, full[[3, 1]])
     stop = af.restore(den, y0, sm, sm / 2, seeds=seeds, method="euler")
     assert torch.equal(stop[clean], y0[clean]) and torch.isfinite(stop).all()
+
+
+def test_ambient_loss_callable_contraction_targets_the_corrupt_sample_itself():
+    """Contraction (Ambient-o's released code): the plain loss with the corrupt image as target,
+    no nature noise added; locality rows (sigma < sigma_max) are likewise trained as clean."""
+
+    class Zero(torch.nn.Module):
+        def forward(self, x, c_noise, labels=None):
+            return torch.zeros_like(x)
+
+    net = af.EDMPrecond(Zero())  # D(y_t) = c_skip y_t, so the loss depends on the target only through y0
+    images = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    sigma_min = torch.tensor([0.5, 0.5, 0.0, 0.5], dtype=torch.float64)
+    sigma = torch.tensor([2.0, 2.0, 2.0, 0.3], dtype=torch.float64)
+    sigma_max = torch.tensor([0.0, 0.0, 0.0, 0.4], dtype=torch.float64)
+    ids = torch.arange(4)
+    for mode in ("contraction", "ambient"):
+        gen = torch.Generator().manual_seed(5)
+        got = af.AmbientLoss(mode=mode)(
+            net, images, sigma_min, sigma=sigma, sigma_max=sigma_max, sample_ids=ids, generator=gen
+        )
+        gen = torch.Generator().manual_seed(5)
+        eta = torch.randn(images.shape, dtype=torch.float64, generator=gen)  # nature noise is id-seeded
+        y_t = images + sigma.view(-1, 1, 1, 1) * eta
+        lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+        plain = lam * ((net(y_t, sigma) - images) ** 2).mean(dim=(1, 2, 3))
+        rows = [0, 1, 2, 3] if mode == "contraction" else [2, 3]  # clean and locality rows are plain
+        torch.testing.assert_close(got[rows], plain[rows])

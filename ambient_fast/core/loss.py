@@ -279,10 +279,16 @@ class AmbientLoss:
             )
         if self.fixed_noise and sample_ids is None:
             raise ValueError("AmbientLoss(fixed_noise=True) needs sample_ids (one id per image)")
+        # The pair is formed at the level the coefficients use: 0 for contraction (the corrupt
+        # sample itself is the plain target, as in Ambient-o's released code) and for rows
+        # trained as clean under the locality rule; sigma_min otherwise.
+        pair_sigma_min = torch.zeros_like(sigma_min) if self.mode == "contraction" else sigma_min
+        if sigma_max is not None:
+            pair_sigma_min = torch.where(sigma < sigma_max, torch.zeros_like(pair_sigma_min), pair_sigma_min)
         y_t, y_tmin = noisy_pair(
             images,
             sigma,
-            sigma_min,
+            pair_sigma_min,
             "ve",
             sample_ids=sample_ids if self.fixed_noise else None,
             noise_seed=self.noise_seed,

@@ -19,10 +19,24 @@ import torch
 
 from .validation import check_sigma_pair
 
-__all__ = ["sample_normal", "noisy_pair", "STREAM_NATURE", "STREAM_RESTORE", "STREAM_STEP"]
+__all__ = [
+    "sample_normal",
+    "derive_seeds",
+    "noisy_pair",
+    "STREAM_NATURE",
+    "STREAM_RESTORE",
+    "STREAM_TRAIN_ETA",
+    "STREAM_CLASSIFIER_EVAL",
+    "STREAM_GENERATE",
+    "STREAM_STEP",
+]
 
+# The registry of streams: every use of sample_normal in the package takes one of these.
 STREAM_NATURE = 0  # frozen per-sample noise that makes y_tmin (same every epoch)
 STREAM_RESTORE = 1  # fresh restoration start noise (SPEC 5 step 1)
+STREAM_TRAIN_ETA = 8  # training's extra noise y_t - y_tmin, seeded per batch slot (rank-invariant)
+STREAM_CLASSIFIER_EVAL = 9  # noise of the sigma_min classifier's evaluation passes
+STREAM_GENERATE = 10  # start noise of evaluation samples
 STREAM_STEP = 16  # per-step sampler noise: STREAM_STEP + step index
 
 _MASK32 = 0xFFFFFFFF
@@ -94,6 +108,9 @@ def noisy_pair(
     sample_ids: torch.Tensor | None = None,
     noise_seed: int = 0,
     generator: torch.Generator | None = None,
+    eta_seeds: torch.Tensor | None = None,
+    stored: bool = False,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Form ``(y_t, y_tmin)`` from dataset samples (SPEC 2).
 
@@ -112,28 +129,41 @@ def noisy_pair(
             (same id -> same noise, every epoch, any batch); otherwise ``n`` is fresh.
         noise_seed: run-level seed mixed into the fixed noise.
         generator: for the fresh noise (``eta``, and ``n`` without ids).
+        eta_seeds: int ``(B,)``: draw ``eta`` from these seeds (stream ``STREAM_TRAIN_ETA``)
+            instead of ``generator``, e.g. one seed per global batch slot, so a slot's noise
+            does not depend on which rank holds it.
+        stored: the dataset stores samples already noisy at ``sm`` (``y_tmin = y0``, no
+            nature noise added), as the anchors' ``/npy`` datasets do.
+        validate: check the levels (host sync); training loops that validated their data
+            at load time pass False.
 
     Returns:
         ``(y_t, y_tmin)``, each shaped and typed like ``y0``.
     """
     if schedule not in ("ve", "vp"):
         raise ValueError(f"schedule must be 've' or 'vp', got {schedule!r}")
-    check_sigma_pair(sigma, sigma_min, y0, schedule)
+    if validate:
+        check_sigma_pair(sigma, sigma_min, y0, schedule)
     view = (-1,) + (1,) * (y0.dim() - 1)
     s = sigma.to(torch.float32 if y0.dtype != torch.float64 else torch.float64).reshape(view)
     sm = sigma_min.to(s.dtype).reshape(view)
-    if sample_ids is not None:
-        seeds = derive_seeds(sample_ids.to(y0.device), noise_seed)
-        nature = sample_normal(seeds, y0.shape[1:], stream=STREAM_NATURE, dtype=s.dtype)
-    else:
-        nature = torch.randn(y0.shape, device=y0.device, dtype=s.dtype, generator=generator)
-    eta = torch.randn(y0.shape, device=y0.device, dtype=s.dtype, generator=generator)
     y = y0.to(s.dtype)
+    if stored:
+        y_tmin = y
+    else:
+        if sample_ids is not None:
+            seeds = derive_seeds(sample_ids.to(y0.device), noise_seed)
+            nature = sample_normal(seeds, y0.shape[1:], stream=STREAM_NATURE, dtype=s.dtype)
+        else:
+            nature = torch.randn(y0.shape, device=y0.device, dtype=s.dtype, generator=generator)
+        y_tmin = y + sm * nature if schedule == "ve" else torch.sqrt(1 - sm * sm) * y + sm * nature
+    if eta_seeds is not None:
+        eta = sample_normal(eta_seeds.to(y0.device), y0.shape[1:], stream=STREAM_TRAIN_ETA, dtype=s.dtype)
+    else:
+        eta = torch.randn(y0.shape, device=y0.device, dtype=s.dtype, generator=generator)
     if schedule == "ve":
-        y_tmin = y + sm * nature
         y_t = y_tmin + torch.sqrt(torch.clamp(s * s - sm * sm, min=0)) * eta
     else:
-        y_tmin = torch.sqrt(1 - sm * sm) * y + sm * nature
         k = torch.sqrt((1 - s * s) / (1 - sm * sm))
         y_t = k * y_tmin + torch.sqrt(torch.clamp(s * s - k * k * sm * sm, min=0)) * eta
     return y_t.to(y0.dtype), y_tmin.to(y0.dtype)

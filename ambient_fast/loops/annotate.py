@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.noise import sample_normal
+from ..core.noise import STREAM_CLASSIFIER_EVAL, sample_normal
 from ..core.precond import edm_precond_coefficients
 from ..core.schedules import SIGMA_DATA
 
@@ -46,7 +46,6 @@ __all__ = [
     "write_annotated_version",
 ]
 
-STREAM_CLASSIFIER_EVAL = 9  # core.noise stream for the evaluation noise (apart from 0, 1, 16+)
 
 
 def fixed_sigma_min(corruption: str, level: float) -> float:

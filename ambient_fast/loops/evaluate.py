@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..core.noise import sample_normal
+from ..core.noise import STREAM_GENERATE, sample_normal
 from ..core.precond import EDMPrecond
 from ..core.schedules import karras_sigmas
 from ..samplers import sample
@@ -26,7 +26,6 @@ from ..samplers import sample
 __all__ = ["METRICS", "generate", "evaluate_denoiser"]
 
 METRICS = ("fd_digits", "fid")
-STREAM_GENERATE = 10  # core.noise stream of the generation start noise (apart from 0, 1, 8, 9, 16+)
 
 
 @torch.no_grad()

@@ -49,7 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.loss import ambient_loss
-from ..core.noise import STREAM_NATURE, derive_seeds, sample_normal
+from ..core.noise import derive_seeds, noisy_pair
 from ..core.precond import EDMPrecond
 from ..core.schedules import EDM_P_MEAN, EDM_P_STD, SIGMA_DATA
 from ..data.sampler import NoiseFirstBatchSampler
@@ -66,7 +66,6 @@ __all__ = [
 ]
 
 TRAIN_MODES = ("clean", "plain", "contraction", "ambient")
-STREAM_TRAIN_ETA = 8  # core.noise stream of the per-step diffusion noise (apart from 0, 1, 16+)
 STATE_FILE = "training-state.safetensors"
 DENOISER_FILE = "denoiser.safetensors"
 LOG_FILE = "log.jsonl"
@@ -321,18 +320,20 @@ def _noisy_pair(
     ``first_slot``: run-global number of this rank's first batch slot
     (``step * batch_size + rank * local_batch``); slot k's ``eta`` depends only on k and ``seed``.
     """
-    view = (-1,) + (1,) * (y0.dim() - 1)
-    sm = sigma_min.view(view).to(torch.float32)
-    y = y0.to(torch.float32)
-    if nature_noise == "fixed":
-        if mode == "contraction":
-            sm = torch.zeros_like(sm)
-        nature = sample_normal(derive_seeds(sample_ids, seed), y0.shape[1:], stream=STREAM_NATURE)
-        y = y + sm * nature
+    fixed = nature_noise == "fixed"
+    pair_sigma_min = torch.zeros_like(sigma_min) if fixed and mode == "contraction" else sigma_min
     slots = first_slot + torch.arange(y0.shape[0], device=y0.device, dtype=torch.int64)
-    eta = sample_normal(derive_seeds(slots, seed), y0.shape[1:], stream=STREAM_TRAIN_ETA)
-    y_t = y + torch.sqrt(torch.clamp(sigma.view(view) ** 2 - sm**2, min=0)) * eta
-    return y_t, y
+    return noisy_pair(
+        y0.to(torch.float32),
+        sigma,
+        pair_sigma_min,
+        "ve",
+        sample_ids=sample_ids if fixed else None,
+        noise_seed=seed,
+        eta_seeds=derive_seeds(slots, seed),
+        stored=not fixed,
+        validate=False,
+    )
 
 
 def _update_ema(
