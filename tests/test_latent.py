@@ -651,6 +651,13 @@ def test_restore_command_routes_diffusers_to_latent_restoration(sd_pipeline, sou
     with pytest.raises(SystemExit):
         main(base + ["--dst", str(tmp_path / "x"), "--model", str(sd_pipeline / "model_index.json")])
     assert "not allowed with --diffusers" in capsys.readouterr().err
+    # A real run from the command line: shards in, restored shards out, captions kept.
+    out = tmp_path / "restored"
+    assert main(base + ["--dst", str(out), "--batch-size", "4", "--grid", "per_sample", "--num-steps", "3"]) == 0
+    source, restored = read_version(source_shards)[1], read_version(out)[1]
+    assert [s.key for s in restored] == [s.key for s in source]
+    assert [s.caption for s in restored] == [s.caption for s in source]
+    assert all(r.sigma_min == pytest.approx(s.sigma_min / 2) for r, s in zip(restored, source, strict=True))
 
 
 # ---------------------------------------------------------------------------------------
