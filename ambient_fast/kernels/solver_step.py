@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .ambient_loss import (
+from ._layout import (
     MAX_BLOCK,
     as_rows,
     div_rn,
