@@ -32,6 +32,16 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture
+def single_thread():
+    """One intra-op thread for tests that run many small ops: on a shared 2-core machine
+    OpenMP's barriers make each small op up to ~1000x slower than single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

@@ -4,7 +4,6 @@ denoiser checkpoint format (``save_denoiser`` / ``load_denoiser``)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,9 @@ from ambient_fast.cli import build_parser, main
 from ambient_fast.commands.restore import pixel_defaults
 from ambient_fast.core.precond import EDMPrecond
 from ambient_fast.restoration import load_denoiser, read_denoiser_config, save_denoiser
+from tests.test_restoration_dataset import make_denoiser, make_png_dataset, tree_bytes
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_restoration_dataset import make_denoiser, make_png_dataset, tree_bytes  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture

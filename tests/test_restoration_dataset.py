@@ -24,13 +24,7 @@ from ambient_fast.restoration import ArgumentsChanged, restore_dataset, staging_
 SIGMA_CORRUPT = 1.2
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread (see test_restoration_gmm: OpenMP barriers on a shared machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_png_dataset(root: Path, n: int = 24, *, seed: int = 0) -> Path:

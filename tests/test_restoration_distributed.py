@@ -10,21 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from ambient_fast.cli import main
 from ambient_fast.restoration import save_denoiser
+from tests.test_restoration_dataset import make_denoiser, make_png_dataset, tree_bytes
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_restoration_dataset import make_denoiser, make_png_dataset, tree_bytes  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,15 +22,7 @@ from ambient_fast.data import Sample, open_dataset, write_dataset
 from ambient_fast.restoration import RestorationSampler, SamplerConfig, float_codec, restore_dataset
 from ambient_fast.samplers.restore import restore
 
-
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: these tests run many small ops, and on a shared 2-core machine
-    OpenMP's barriers make each transcendental op ~1000x slower than single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class GaussianMixtureDenoiser(nn.Module):

@@ -9,7 +9,6 @@ padded last batch, and compares with eager.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +17,8 @@ import torch
 
 from ambient_fast.data import open_dataset
 from ambient_fast.restoration import IMAGE_UINT8, RestorationSampler, SamplerConfig, float_codec, restore_dataset
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_restoration_dataset import make_denoiser, make_png_dataset  # noqa: E402
-from test_restoration_gmm import make_gmm  # noqa: E402
+from tests.test_restoration_dataset import make_denoiser, make_png_dataset
+from tests.test_restoration_gmm import make_gmm
 
 pytestmark = pytest.mark.gpu
 

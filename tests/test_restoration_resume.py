@@ -14,12 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from ambient_fast.restoration import restore_dataset, staging_folder
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_restoration_dataset import FAST, make_denoiser, make_png_dataset, tree_bytes  # noqa: E402
+from tests.test_restoration_dataset import FAST, make_denoiser, make_png_dataset, tree_bytes
 
 OPTS = dict(batch_size=2, shard_size=4, model_fingerprint="tiny-0", **FAST)
 
@@ -48,12 +45,7 @@ restore_dataset(Slow(make_denoiser()).eval(), {src!r}, {dst!r}, **OPTS)
 """
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _journal_lines(dst: Path) -> int:
