@@ -31,6 +31,7 @@ import numpy as np
 
 from ..data import SIDECAR_NAME, AnnotationError, join_annotations, parse_annotations
 from ..data import write_annotations as _write_sidecar
+from ..data.annotations import iter_annotation_records
 
 __all__ = [
     "Annotation",
@@ -188,17 +189,10 @@ def read_annotations(
         return {}
     # Raw forms are converted and their lines rewritten in the fixed form, so the strict
     # reader validates every line (names, values, duplicates) with its own line number.
-    lines = sidecar.read_text(encoding="utf-8").splitlines()
+    text = sidecar.read_text(encoding="utf-8")
+    lines = text.splitlines()
     trajectories: list[tuple[int, object, object]] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AnnotationError(f"{sidecar} line {lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or "filename" not in record:
-            raise AnnotationError(f"{sidecar} line {lineno}: expected an object with a 'filename' field")
+    for lineno, record in iter_annotation_records(text, str(sidecar)):
         name = record["filename"]
         if "probabilities" in record:
             trajectories.append((lineno, name, record["probabilities"]))

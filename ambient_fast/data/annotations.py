@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from .errors import AnnotationError
 __all__ = [
     "SIDECAR_NAME",
     "format_annotations",
+    "iter_annotation_records",
     "join_annotations",
     "parse_annotations",
     "read_annotations",
@@ -57,6 +58,27 @@ def _as_level(value: object) -> float | None:
     return value if math.isfinite(value) and value >= 0 else None
 
 
+def iter_annotation_records(text: str, where: str) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` for each non-blank line of ``annotations.jsonl`` text.
+
+    Every record is a JSON object with a ``filename`` field (any form: fixed, scalar,
+    classifier, crop); its values are not checked here.
+
+    Raises:
+        AnnotationError: a line that is not JSON, or not an object with ``filename``.
+    """
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AnnotationError(f"{where} line {lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or "filename" not in record:
+            raise AnnotationError(f"{where} line {lineno}: expected an object with a 'filename' field")
+        yield lineno, record
+
+
 def parse_annotations(text: str | bytes, where: str) -> dict[str, tuple[float, float]]:
     """Parse sidecar text into ``{filename: (sigma_min, sigma_max)}``.
 
@@ -78,15 +100,7 @@ def parse_annotations(text: str | bytes, where: str) -> dict[str, tuple[float, f
     entries: dict[str, tuple[float, float]] = {}
     invalid: list[str] = []
     duplicates: list[str] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AnnotationError(f"{where} line {lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or "filename" not in record:
-            raise AnnotationError(f"{where} line {lineno}: expected an object with a 'filename' field")
+    for lineno, record in iter_annotation_records(text, where):
         name = safe_relative_path(record["filename"], f"{where} line {lineno}: filename")
         if "sigma_min" in record:
             field, raw_min = "sigma_min", record["sigma_min"]
