@@ -271,26 +271,23 @@ class _TarShards:
 # Datasets.
 
 
-def _parse_info(raw: bytes | None, where: str) -> dict:
-    if raw is None:
-        return {}
-    try:
-        info = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DatasetFormatError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(info, dict):
-        raise DatasetFormatError(f"{where}: expected a JSON object")
-    return info
-
-
-def _parse_json_list(raw: bytes, where: str) -> list:
+def _parse_json(raw: bytes, where: str, kind: type, expected: str):
+    """Decode UTF-8 JSON of type ``kind``, or one ``DatasetFormatError`` naming ``where``."""
     try:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DatasetFormatError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(value, list):
-        raise DatasetFormatError(f"{where}: expected a JSON list of keys")
+    if not isinstance(value, kind):
+        raise DatasetFormatError(f"{where}: expected {expected}")
     return value
+
+
+def _parse_info(raw: bytes | None, where: str) -> dict:
+    return {} if raw is None else _parse_json(raw, where, dict, "a JSON object")
+
+
+def _parse_json_list(raw: bytes, where: str) -> list:
+    return _parse_json(raw, where, list, "a JSON list of keys")
 
 
 def _labels_from_info(info: dict, keys: Sequence[str], where: str) -> np.ndarray | None:
