@@ -241,8 +241,10 @@ class AmbientLoss:
         fixed_noise: bool = True,  # frozen per-sample nature noise (needs sample_ids)
         noise_seed: int = 0,  # run seed mixed into the frozen noise
         backend: Literal["auto", "torch", "triton", "cpp"] = "auto",
+        validate: bool = True,  # eager input checks; False drops their host syncs per step
     ) -> None:
         self.P_mean, self.P_std, self.sigma_data = P_mean, P_std, sigma_data
+        self.validate = validate
         self.s_max, self.buffer, self.mode = s_max, buffer, mode
         self.fixed_noise, self.noise_seed, self.backend = fixed_noise, noise_seed, backend
         eligibility_rule(s_max, buffer)
@@ -293,6 +295,7 @@ class AmbientLoss:
             sample_ids=sample_ids if self.fixed_noise else None,
             noise_seed=self.noise_seed,
             generator=generator,
+            validate=self.validate,
         )
         pred = net(y_t, sigma, labels)
         return ambient_loss(
@@ -309,4 +312,5 @@ class AmbientLoss:
             sigma_data=self.sigma_data,
             reduction="none",
             backend=self.backend,
+            validate=self.validate,
         )
