@@ -262,6 +262,11 @@ def run(args: argparse.Namespace) -> int:
     device = None if args.device == "auto" else args.device
     try:
         report = _restore(args, device)
+        # Meet right before teardown, so no rank closes its gloo sockets while a peer is still
+        # between its last collective and destroy_process_group (a rare SIGABRT seen in CI).
+        # Success path only: after a rank-local error a barrier could wait on a peer that is
+        # blocked in a different collective.
+        ctx.barrier()
     except (ValueError, FileExistsError, FileNotFoundError) as err:  # bad data, changed arguments, existing dst
         print(f"ambient-fast restore: error: {err}", file=sys.stderr)
         return 1
