@@ -11,21 +11,21 @@ Public API (SPEC.md sections in brackets):
 
 Subpackages: ``data`` (formats, sidecars, pipelines), ``nn`` (networks), ``eval`` (FID),
 ``loops`` (training, annotation, dataloops), ``compat`` (EDM / Ambient-o drop-in),
-``latent`` (text-to-image restoration), ``kernels`` (Triton / C++ fused ops).
+``latent`` (text-to-image restoration), ``kernels`` (the fused ops: one ``torch.library`` op per
+function with its CUDA (Triton) and CPU (C++) kernels).
 """
 
 from .core import (
-    AmbientLoss,
     EDMPrecond,
     VPToEDM,
     ambient_coefficients,
-    ambient_loss,
     edm_training_sigmas,
     eligible,
     karras_sigmas,
     noisy_pair,
     sample_normal,
 )
+from .loss import AmbientLoss, ambient_loss
 from .restoration import load_denoiser, restore_dataset, save_denoiser
 from .samplers import restore, sample
 

@@ -25,8 +25,18 @@
 // vpermt2w. fp16 only vectorises with -fno-trapping-math: without it GCC will not if-convert
 // the subnormal/inf selects ("control flow in loop"). No FMA anywhere (-ffp-contract=off).
 // The remainder loop (under 16 elements) keeps an in-order float64 sum.
+//
+// Checks in the same pass (LossArgs::flags != 0): each row gets LossFlag bits. Levels are
+// checked per row (finite, sigma > 0, sigma_min >= 0, sigma_max >= 0, VP levels < 1, finite
+// coefficients and weight). The data of a training row is not checked separately: any NaN/Inf
+// input makes its residual, hence its chunk's sum of squares, non-finite, and only then (the
+// error path) is the chunk scanned to say which input it was or that the loss overflowed.
+// Rows that do not train are scanned for NaN/Inf (integer max of the magnitude bits, which
+// vectorises without reassociating floats). The gradient can only overflow the storage type
+// where k sqrt(sum r^2) reaches its largest finite value; only such chunks are re-read.
 #include "ops.h"
 
+#include <cfloat>
 #include <cmath>
 #include <vector>
 
@@ -37,16 +47,25 @@ template <typename C>
 struct LossRow {
   bool train;
   C b, c, w;
+  std::int32_t flags;
 };
 
-// Mask, coefficients and weight of one sample, mirroring per_sample_loss_reference.
+// Mask, coefficients and weight of one sample, mirroring per_sample_loss_reference; with
+// `check`, the level bits of LossFlag.
 template <typename C>
 LossRow<C> loss_row(double sigma, double sigma_min, double sigma_max, const double* weight,
-                    const LossOptions& opt) {
+                    const LossOptions& opt, bool check) {
+  std::int32_t flags = 0;
+  if (check) {
+    if (!(std::isfinite(sigma) && sigma > 0) || (opt.vp && sigma >= 1)) flags |= kSigmaBad;
+    if (!(std::isfinite(sigma_min) && sigma_min >= 0) || (opt.vp && sigma_min >= 1)) flags |= kSigmaMinBad;
+    if (!(std::isfinite(sigma_max) && sigma_max >= 0)) flags |= kSigmaMaxBad;
+    if (weight != nullptr && !std::isfinite(*weight)) flags |= kWeightBad;
+  }
   const C s = static_cast<C>(sigma), sm = static_cast<C>(sigma_min), smax = static_cast<C>(sigma_max);
   const bool clean_rule = s < smax;
   const bool train = sm == C(0) || s > static_cast<C>(opt.elig_scale) * sm + static_cast<C>(opt.elig_shift) || clean_rule;
-  if (!train) return {false, C(0), C(0), C(0)};
+  if (!train) return {false, C(0), C(0), C(0), flags};
   // Effective sigma_min: 0 for contraction and for rows trained as clean by locality.
   const C e = (opt.contraction || clean_rule) ? C(0) : sm;
   const C denom = s * s - e * e;
@@ -74,7 +93,8 @@ LossRow<C> loss_row(double sigma, double sigma_min, double sigma_max, const doub
     const C sd2 = static_cast<C>(opt.sigma_data * opt.sigma_data);
     w = (s_ve * s_ve + sd2) / ((s_ve * sd) * (s_ve * sd));
   }
-  return {true, b, c, w};
+  if (check && !(std::isfinite(b) && std::isfinite(c) && std::isfinite(w))) flags |= kCoeffOverflow;
+  return {true, b, c, w, flags | kTrained};
 }
 
 constexpr int kLanes = 16;  // independent accumulators: one zmm (fp32) per step, and ILP
@@ -103,13 +123,56 @@ AF_INLINE double sum_squares(const T* __restrict__ pred, const T* __restrict__ y
   return total;
 }
 
+// Magnitude bits of each storage type: a value is NaN or Inf exactly when its bits with the
+// sign cleared are >= those of +Inf.
+template <typename T>
+struct Magnitude;
+template <>
+struct Magnitude<float> {
+  using U = std::uint32_t;
+  static constexpr U mask = 0x7fffffffu, inf = 0x7f800000u;
+  static constexpr double max_finite = FLT_MAX;
+};
+template <>
+struct Magnitude<double> {
+  using U = std::uint64_t;
+  static constexpr U mask = 0x7fffffffffffffffull, inf = 0x7ff0000000000000ull;
+  static constexpr double max_finite = DBL_MAX;
+};
+template <>
+struct Magnitude<Half> {
+  using U = std::uint16_t;
+  static constexpr U mask = 0x7fffu, inf = 0x7c00u;
+  static constexpr double max_finite = 65504.0;
+};
+template <>
+struct Magnitude<BFloat16> {
+  using U = std::uint16_t;
+  static constexpr U mask = 0x7fffu, inf = 0x7f80u;
+  static constexpr double max_finite = 3.3895313892515355e38;
+};
+
+template <typename T>
+AF_INLINE bool any_nonfinite(const T* __restrict__ p, std::int64_t n) {
+  using M = Magnitude<T>;
+  typename M::U largest = 0;
+  for (std::int64_t j = 0; j < n; ++j) {
+    typename M::U u;
+    std::memcpy(&u, p + j, sizeof u);
+    u &= M::mask;
+    largest = u > largest ? u : largest;
+  }
+  return largest >= M::inf;
+}
+
 // One multiversioned overload per storage type; grad == nullptr selects the loss-only loop.
 #define AF_LOSS_CHUNK(T)                                                                         \
   AF_CLONES double loss_chunk(const T* pred, const T* y_t, const T* y_tmin, T* grad, std::int64_t n, \
                               compute_t<T> b, compute_t<T> c, compute_t<T> k) {                   \
     return grad == nullptr ? sum_squares<T, false>(pred, y_t, y_tmin, grad, n, b, c, k)          \
                            : sum_squares<T, true>(pred, y_t, y_tmin, grad, n, b, c, k);          \
-  }
+  }                                                                                              \
+  AF_CLONES bool nonfinite_chunk(const T* p, std::int64_t n) { return any_nonfinite<T>(p, n); }
 AF_LOSS_CHUNK(float)
 AF_LOSS_CHUNK(double)
 AF_LOSS_CHUNK(Half)
@@ -117,47 +180,81 @@ AF_LOSS_CHUNK(BFloat16)
 #undef AF_LOSS_CHUNK
 
 template <typename T>
-void run_loss(const LossArgs& a) {
+std::int32_t input_bits(const T* pred, const T* y_t, const T* y_tmin, std::int64_t n) {
+  return (nonfinite_chunk(pred, n) ? kPredBad : 0) | (nonfinite_chunk(y_t, n) ? kYtBad : 0) |
+         (nonfinite_chunk(y_tmin, n) ? kYtminBad : 0);
+}
+
+template <typename T>
+LossCheck run_loss(const LossArgs& a) {
   using C = compute_t<T>;
   const std::int64_t batch = a.batch, numel = a.numel;
   const bool with_grad = a.grad.data != 0;
+  const bool check = a.flags != 0;
   std::vector<LossRow<C>> rows(static_cast<std::size_t>(batch));
   const auto* sigma = reinterpret_cast<const double*>(a.sigma);
   const auto* sigma_min = reinterpret_cast<const double*>(a.sigma_min);
   const auto* sigma_max = reinterpret_cast<const double*>(a.sigma_max);
   const auto* weight = reinterpret_cast<const double*>(a.weight);
   for (std::int64_t i = 0; i < batch; ++i) {
-    rows[i] = loss_row<C>(sigma[i], sigma_min[i], sigma_max[i], weight ? weight + i : nullptr, a.options);
+    rows[i] = loss_row<C>(sigma[i], sigma_min[i], sigma_max[i], weight ? weight + i : nullptr, a.options, check);
   }
   const std::int64_t per_row = chunks_per_row(numel);
   std::vector<double> partial(static_cast<std::size_t>(batch * per_row), 0.0);
+  std::vector<std::int32_t> chunk_flags(check ? static_cast<std::size_t>(batch * per_row) : 0, 0);
+  const C divisor = static_cast<C>(numel) * static_cast<C>(a.grad_count);
   for_each_chunk(batch, numel, [&](std::int64_t i, std::int64_t begin, std::int64_t end) {
     const LossRow<C>& row = rows[i];
     T* grad = with_grad ? mutable_row_ptr<T>(a.grad, i) + begin : nullptr;
+    const T* pred = row_ptr<T>(a.pred, i) + begin;
+    const T* y_t = row_ptr<T>(a.y_t, i) + begin;
+    const T* y_tmin = row_ptr<T>(a.y_tmin, i) + begin;
+    const std::int64_t n = end - begin;
+    const std::int64_t task = i * per_row + begin / kChunk;
     if (!row.train) {
-      if (with_grad) std::memset(static_cast<void*>(grad), 0, static_cast<std::size_t>(end - begin) * sizeof(T));
+      if (with_grad) std::memset(static_cast<void*>(grad), 0, static_cast<std::size_t>(n) * sizeof(T));
+      if (check) chunk_flags[task] = input_bits(pred, y_t, y_tmin, n);
       return;
     }
-    const C k = (row.w + row.w) / static_cast<C>(numel);
-    partial[i * per_row + begin / kChunk] =
-        loss_chunk(row_ptr<T>(a.pred, i) + begin, row_ptr<T>(a.y_t, i) + begin, row_ptr<T>(a.y_tmin, i) + begin,
-                   grad, end - begin, row.b, row.c, k);
+    const C k = (row.w + row.w) / divisor;
+    const double total = loss_chunk(pred, y_t, y_tmin, grad, n, row.b, row.c, k);
+    partial[task] = total;
+    if (!check) return;
+    // Error path only: a non-finite sum names its input (or is an overflow of finite data).
+    if (!std::isfinite(total)) {
+      const std::int32_t bits = input_bits(pred, y_t, y_tmin, n);
+      chunk_flags[task] = bits != 0 ? bits : kLossOverflow;
+    } else if (with_grad && std::abs(static_cast<double>(k)) * std::sqrt(total) >= Magnitude<T>::max_finite &&
+               nonfinite_chunk(grad, n)) {
+      chunk_flags[task] = kGradOverflow;  // |grad_ij| <= k sqrt(sum_j r_ij^2): re-read only here
+    }
   });
   auto* loss = reinterpret_cast<C*>(a.loss);
+  auto* flags = reinterpret_cast<std::int32_t*>(a.flags);
+  LossCheck result;
   for (std::int64_t i = 0; i < batch; ++i) {
     double total = 0;
     for (std::int64_t t = 0; t < per_row; ++t) total += partial[i * per_row + t];
     loss[i] = rows[i].train ? rows[i].w * static_cast<C>(total / static_cast<double>(numel)) : C(0);
+    if (!check) continue;
+    std::int32_t bits = rows[i].flags;
+    for (std::int64_t t = 0; t < per_row; ++t) bits |= chunk_flags[i * per_row + t];
+    if (!std::isfinite(loss[i])) bits |= kLossOverflow;
+    flags[i] = bits;
+    if (bits > result.max_flag) result.max_flag = bits;
+    if (bits >= 2 && result.first_bad < 0) result.first_bad = i;
   }
+  return result;
 }
 
 }  // namespace
 
-void ambient_loss(const LossArgs& a) {
+LossCheck ambient_loss(const LossArgs& a) {
   AF_CHECK(a.batch >= 0, "ambient_loss: batch must be >= 0, got ", a.batch);
   AF_CHECK(a.numel >= 1, "ambient_loss: each sample needs at least one element, got ", a.numel);
   AF_CHECK(a.batch == 0 || (a.loss != 0 && a.sigma != 0 && a.sigma_min != 0 && a.sigma_max != 0),
            "ambient_loss: null loss or level pointer");
+  AF_CHECK(a.grad_count >= 1, "ambient_loss: grad_count must be >= 1, got ", a.grad_count);
   check_rows("pred", a.pred, a.batch);
   check_rows("y_t", a.y_t, a.batch);
   check_rows("y_tmin", a.y_tmin, a.batch);
@@ -172,6 +269,7 @@ void ambient_loss(const LossArgs& a) {
     case DType::f16: return run_loss<Half>(a);
     case DType::bf16: return run_loss<BFloat16>(a);
   }
+  return {};
 }
 
 }  // namespace ambient_fast

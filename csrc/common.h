@@ -3,7 +3,7 @@
 // and the OpenMP task split.
 //
 // No torch headers: operands arrive as raw data pointers (Python ints) plus row strides,
-// validated by ambient_fast/kernels/cpu_ops.py, which keeps the tensors alive for the call.
+// validated by ambient_fast/kernels/_native.py, which keeps the tensors alive for the call.
 // See ARCHITECTURE.md.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Python bindings of ambient_fast._C: plain pybind11, no torch headers (ARCHITECTURE.md).
 // Tensor operands are passed as (data pointer, row stride in elements) pairs and level
-// vectors as data pointers to contiguous float64; ambient_fast/kernels/cpu_ops.py is the
+// vectors as data pointers to contiguous float64; ambient_fast/kernels/_native.py (with the op files) is the
 // only caller and owns validation and lifetimes. The sampler tables are numpy arrays.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -71,28 +71,35 @@ PYBIND11_MODULE(_C, m) {
       [](const std::string& dtype, std::int64_t batch, std::int64_t numel, std::uintptr_t loss,
          std::optional<RowsArg> grad, const RowsArg& pred, const RowsArg& y_t, const RowsArg& y_tmin,
          std::uintptr_t sigma, std::uintptr_t sigma_min, std::uintptr_t sigma_max, std::uintptr_t weight,
-         const std::string& schedule, const std::string& target, bool contraction, double elig_scale,
-         double elig_shift, bool edm_weight, double sigma_data) {
+         std::uintptr_t flags, std::int64_t grad_count, const std::string& schedule, const std::string& target,
+         bool contraction, double elig_scale, double elig_shift, bool edm_weight, double sigma_data) {
         check_choice("schedule", schedule, "ve", "vp");
         check_choice("target", target, "x0", "eps");
         LossArgs args{parse_dtype(dtype), batch, numel, loss, grad ? rows(*grad) : Rows{0, 0},
-                      rows(pred), rows(y_t), rows(y_tmin), sigma, sigma_min, sigma_max, weight,
+                      rows(pred), rows(y_t), rows(y_tmin), sigma, sigma_min, sigma_max, weight, flags, grad_count,
                       LossOptions{schedule == "vp", target == "eps", contraction, elig_scale, elig_shift,
                                   edm_weight, sigma_data}};
-        py::gil_scoped_release release;
-        ambient_fast::ambient_loss(args);
+        LossCheck result;
+        {
+          py::gil_scoped_release release;
+          result = ambient_fast::ambient_loss(args);
+        }
+        return py::make_tuple(result.max_flag, result.first_bad);
       },
       py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("loss"), py::arg("grad"),
       py::arg("pred"), py::arg("y_t"), py::arg("y_tmin"), py::arg("sigma"), py::arg("sigma_min"),
-      py::arg("sigma_max"), py::arg("weight"), py::arg("schedule"), py::arg("target"), py::arg("contraction"),
+      py::arg("sigma_max"), py::arg("weight"), py::arg("flags"), py::arg("grad_count"), py::arg("schedule"), py::arg("target"), py::arg("contraction"),
       py::arg("elig_scale"), py::arg("elig_shift"), py::arg("edm_weight"), py::arg("sigma_data"),
       R"doc(Fused per-sample ambient loss (SPEC 2), optionally with its gradient in the same pass.
 
 Writes loss (B,) float32 (float64 for float64 storage) = m_i w_i mean_j r_ij^2 with
 r = pred + b_i y_t + c_i y_tmin, and, when grad is not None, grad (B, N) in the storage
-dtype = d sum_i loss_i / d pred. Rows (pointer, row stride in elements) have N contiguous
-elements each; sigma, sigma_min, sigma_max, weight point to (B,) float64 (weight 0: none).
-dtype: 'float32' | 'float64' | 'float16' | 'bfloat16'. Contract: per_sample_loss_reference.)doc");
+dtype = d sum_i loss_i / d pred / grad_count. Rows (pointer, row stride in elements) have N
+contiguous elements each; sigma, sigma_min, sigma_max, weight point to (B,) float64 (weight 0:
+none). flags: 0 (no checks), or a (B,) int32 buffer that receives each row's check bits
+(LossFlag in ops.h: 1 = trains, larger bits = errors). Returns (max flag, first row with an
+error bit or -1). dtype: 'float32' | 'float64' | 'float16' | 'bfloat16'.
+Contract: per_sample_loss_reference.)doc");
 
   m.def(
       "euler_step",

@@ -17,19 +17,42 @@ struct LossOptions {
   double sigma_data = 0.5;
 };
 
+// Per-sample check flags (the kernel pass is also the input check). Bit values are mirrored
+// in ambient_fast/kernels/ambient_loss.py (FLAG_*); keep them in sync.
+enum LossFlag : std::int32_t {
+  kTrained = 1,          // the row trains (not an error)
+  kPredBad = 2,          // pred holds NaN/Inf in this row
+  kYtBad = 4,            // y_t holds NaN/Inf
+  kYtminBad = 8,         // y_tmin holds NaN/Inf
+  kSigmaBad = 16,        // sigma not finite, <= 0, or >= 1 for VP
+  kSigmaMinBad = 32,     // sigma_min not finite, < 0, or >= 1 for VP
+  kSigmaMaxBad = 64,     // sigma_max not finite or < 0
+  kWeightBad = 128,      // weight not finite
+  kCoeffOverflow = 256,  // b, c or w not finite in the compute type (extreme levels)
+  kLossOverflow = 512,   // the loss is not finite although every input is
+  kGradOverflow = 1024,  // d loss / d pred overflows the storage type (near the sigma_min pole)
+};
+
 struct LossArgs {
   DType dtype;            // storage type of pred, y_t, y_tmin and grad
   std::int64_t batch;     // B
   std::int64_t numel;     // N elements per sample
   std::uintptr_t loss;    // out (B,) float32, float64 for float64 storage
-  Rows grad;              // out (B, N) d sum_i loss_i / d pred, storage type; data 0 = none
+  Rows grad;              // out (B, N) d sum_i loss_i / d pred / grad_count, storage type; data 0 = none
   Rows pred, y_t, y_tmin; // (B, N)
   std::uintptr_t sigma, sigma_min, sigma_max;  // (B,) float64
   std::uintptr_t weight;  // (B,) float64 or 0 (no weight tensor)
+  std::uintptr_t flags;   // out (B,) int32 LossFlag bits, or 0: no checks (rows that do not train are not read)
+  std::int64_t grad_count = 1;  // the gradient is divided by this (B for a mean over the batch)
   LossOptions options;
 };
 
-void ambient_loss(const LossArgs& args);
+struct LossCheck {
+  std::int32_t max_flag = 0;     // max over rows of the flags (>= 2: some error bit is set)
+  std::int64_t first_bad = -1;   // first row with an error bit, -1 if none
+};
+
+LossCheck ambient_loss(const LossArgs& args);
 
 // ---- solver_step.cpp (SPEC 4) -----------------------------------------------------------
 enum class StepOp { euler, heun, churn, ancestral };

@@ -1,9 +1,13 @@
 """Input checks shared by every public entry point.
 
-Each failure is one ``ValueError`` naming the argument and the first bad sample index, so
-a bad batch is found before it becomes a silent NaN. Checks need a host sync; they are
-skipped while ``torch.compile`` traces (``torch.compiler.is_compiling()``) and when the
-caller passes ``validate=False``.
+Each failure is one ``ValueError`` (``TypeError`` for a non-tensor) naming the argument and
+the first bad sample index, so a bad batch is found before it becomes a silent NaN. Checks of
+values need a host sync; they are skipped while ``torch.compile`` traces
+(``torch.compiler.is_compiling()``), during CUDA-graph capture and when the caller passes
+``validate=False``. Checks of types and shapes (``check_tensor``, ``check_per_sample_layout``,
+``check_same_layout``) cost no sync and always run. The fused loss folds its value checks into
+the kernel pass (``kernels/ambient_loss.py``); these functions are its reference and its
+error path.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ __all__ = [
     "active",
     "check_finite",
     "check_per_sample",
+    "check_per_sample_layout",
     "check_same_layout",
+    "check_tensor",
     "check_sigma_pair",
     "first_bad_index",
 ]
@@ -35,28 +41,40 @@ def first_bad_index(bad: torch.Tensor) -> int:
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
-    """Raise if ``t`` holds NaN or Inf, naming the first bad sample."""
-    if t.is_floating_point():
+    """Raise if ``t`` holds NaN or Inf, naming the first bad sample (one reduction, one sync)."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
         bad = first_bad_index(~torch.isfinite(t))
-        if bad >= 0:
-            raise ValueError(f"{name}: non-finite value (NaN or Inf) in sample {bad}")
+        raise ValueError(f"{name}: non-finite value (NaN or Inf) in sample {bad}")
 
 
-def check_per_sample(name: str, t: torch.Tensor, batch: int, device: torch.device) -> None:
-    """``t`` must be a floating ``(batch,)`` tensor on ``device`` with finite values."""
+def check_tensor(name: str, t: object, expected: str = "(B, ...)") -> None:
+    """``t`` must be a tensor (a Python number where a tensor belongs is a TypeError naming it)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor of shape ({batch},), got {type(t).__name__}")
+        raise TypeError(f"{name}: expected a tensor {expected}, got {type(t).__name__} {t!r:.40}")
+
+
+def check_per_sample_layout(name: str, t: object, batch: int, device: torch.device) -> None:
+    """``t`` must be a floating ``(batch,)`` tensor on ``device`` (no sync)."""
+    check_tensor(name, t, f"of shape ({batch},)")
     if t.shape != (batch,):
         raise ValueError(f"{name}: expected shape ({batch},) (one value per sample), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name}: on device {t.device}, but the batch is on {device}")
     if not t.is_floating_point():
         raise ValueError(f"{name}: expected a floating dtype, got {t.dtype}")
+
+
+def check_per_sample(name: str, t: torch.Tensor, batch: int, device: torch.device) -> None:
+    """``t`` must be a floating ``(batch,)`` tensor on ``device`` with finite values."""
+    check_per_sample_layout(name, t, batch, device)
     check_finite(name, t)
 
 
 def check_same_layout(reference_name: str, reference: torch.Tensor, **others: torch.Tensor) -> None:
-    """Every tensor in ``others`` has the shape, dtype and device of ``reference``."""
+    """Every tensor in ``others`` has the shape, dtype and device of ``reference``; ``B >= 1``."""
+    check_tensor(reference_name, reference)
+    for name, t in others.items():
+        check_tensor(name, t)
     if reference.dim() < 1 or reference.shape[0] < 1:
         raise ValueError(f"{reference_name}: expected a batch (B, ...) with B >= 1, got {tuple(reference.shape)}")
     for name, t in others.items():

@@ -1,5 +1,7 @@
-"""Fused kernels (Triton for CUDA, C++ for CPU) and the backend dispatch that picks them."""
+"""Fused ops: one ``torch.library`` op per function with its CUDA (Triton) and CPU (C++)
+kernels side by side (``ambient_loss``, ``euler_step``, ``heun_step``, ``churn_step``,
+``ancestral_step``), and the backend choice (``dispatch``) with the reference fallback."""
 
-from .dispatch import BACKENDS, Backend, get_backend
+from .dispatch import BACKENDS, REFERENCE, Backend, get_backend, resolve_kernel
 
-__all__ = ["BACKENDS", "Backend", "get_backend"]
+__all__ = ["BACKENDS", "REFERENCE", "Backend", "get_backend", "resolve_kernel"]

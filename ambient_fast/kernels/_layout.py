@@ -4,8 +4,8 @@
 # Every op views its ``(B, ...)`` tensors as ``(B, N)`` rows taken in the memory order of the
 # leading operand's trailing dims (so contiguous, channels_last and batch-sliced tensors are
 # read in place), tiles the rows as [BLOCK_ROWS, BLOCK_COLS] programs, loads in the storage
-# dtype and computes in fp32 (fp64 for fp64 tensors). Ops are ``torch.library.triton_op`` on a
-# GPU and opaque ``custom_op`` under ``TRITON_INTERPRET=1`` (see :func:`register_op`).
+# dtype and computes in fp32 (fp64 for fp64 tensors). ``launch_rows`` is the launcher shared by
+# the elementwise step kernels (one output, inputs, per-sample levels).
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ __all__ = [
     "load_rows",
     "load_tile",
     "memory_order",
+    "check_kernel",
+    "fake_output",
+    "launch_rows",
     "num_warps",
-    "register_op",
-    "shapes_only",
     "sqrt_rn",
     "store_tile",
     "tile_indices",
@@ -111,28 +112,24 @@ def store_tile(ptr, rows, cols, stride, mask, value):
 INTERPRETED = isinstance(upcast, InterpretedFunction)
 
 
-def register_op(name: str):
-    """Decorator: register the function as the custom op ``name`` (no mutated arguments).
-
-    On a GPU it is a ``torch.library.triton_op``: torch.compile sees through it to the kernels.
-    Under ``TRITON_INTERPRET=1`` the kernels cannot be traced, so it is an opaque
-    ``custom_op`` with the same schema, and the function itself (kernels skipped on FakeTensors,
-    see :func:`shapes_only`) is its fake implementation.
-    """
-
-    def wrap(fn):
-        if INTERPRETED:
-            op = torch.library.custom_op(name, fn, mutates_args=())
-            op.register_fake(fn)
-            return op
-        return torch.library.triton_op(name, fn, mutates_args=())
-
-    return wrap
+def check_kernel(kernel: str, device: torch.device) -> None:
+    """``kernel`` ("triton" or "cpp") can run on tensors of ``device``, else a clear error."""
+    if kernel == "triton":
+        if device.type != "cuda" and not INTERPRETED:
+            raise RuntimeError(
+                f"kernel 'triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
+                "before importing to run the kernels on CPU in Triton's interpreter"
+            )
+    elif kernel == "cpp":
+        if device.type != "cpu":
+            raise RuntimeError(f"kernel 'cpp' needs CPU tensors, got {device.type}")
+    else:
+        raise ValueError(f"kernel must be 'triton' or 'cpp', got {kernel!r}")
 
 
-def shapes_only(t: torch.Tensor) -> bool:
-    """True when ``t`` carries no data (a FakeTensor pass) and the interpreter must not launch."""
-    return INTERPRETED and torch._subclasses.fake_tensor.is_fake(t)
+def fake_output(x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The output a kernel allocates for ``x``: Triton keeps x's layout, C++ is contiguous."""
+    return empty_rows_like(x) if kernel == "triton" else torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def memory_order(t: torch.Tensor) -> list[int]:
@@ -188,3 +185,29 @@ def tile_shape(n_rows: int, n_cols: int, max_block: int) -> tuple[int, int, int]
 def num_warps(tile_elements: int) -> int:
     """Warps for a tile of ``tile_elements`` (see WARP_ELEMENTS)."""
     return max(1, min(MAX_WARPS, tile_elements // WARP_ELEMENTS))
+
+
+def launch_rows(kernel, out: torch.Tensor, x: torch.Tensor, others, levels, max_block: int, **constexprs) -> None:
+    """Launch a step kernel with arguments (out, x, *others, *levels, strides, sizes, constexprs).
+
+    ``out`` comes from :func:`empty_rows_like` of ``x``; ``others`` are ``(B, ...)`` like ``x``
+    (copied only if not dense in ``x``'s memory order); ``levels`` are ``(B,)`` of any stride.
+    """
+    n_rows = x.shape[0]
+    n_cols = x.numel() // n_rows if n_rows else 0
+    if n_rows == 0 or n_cols == 0:
+        return
+    order = memory_order(x)
+    out_rows = as_rows(out, order, copy=False)
+    in_rows = [as_rows(t, order) for t in (x, *others)]
+    block_rows, block_cols, chunks = tile_shape(n_rows, n_cols, max_block)
+    kernel[(triton.cdiv(n_rows, block_rows), chunks)](
+        out_rows, *in_rows, *levels,
+        out_rows.stride(0), *(t.stride(0) for t in in_rows), *(lv.stride(0) for lv in levels),
+        n_rows, n_cols,
+        **constexprs,
+        FP64=x.dtype == torch.float64,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLS=block_cols,
+        num_warps=num_warps(block_rows * block_cols),
+    )

@@ -1,36 +1,53 @@
-# Fused ambient loss, forward and backward in one pass (SPEC 2).
+# Fused ambient loss, forward and gradient in one pass, input checks in the same pass (SPEC 2).
 #
 #   loss_i = m_i * w_i * mean_j r_ij^2,   r_ij = a_i pred_ij + b_i y_t_ij + c_i y_tmin_ij
 #
 # Contract: ``ambient_fast.core.loss.per_sample_loss_reference`` (same inputs, same LossConfig,
-# (B,) float32 loss, float64 for float64 inputs). One kernel pass reads pred, y_t and y_tmin
-# once, derives the per-sample mask m_i, coefficients (a_i, b_i, c_i) and weight w_i from
-# sigma / sigma_min / sigma_max / weight in-kernel (schedule and target are constexprs; a_i is
-# 1 in every row of the table, so it is folded away), accumulates sum_j r_ij^2 in fp32 (fp64 for
-# fp64 inputs) and, when pred needs a gradient, writes d loss_i / d pred_ij = 2 m_i w_i r_ij / N
-# in pred's dtype during the same pass (Liger-style). The backward is then a per-row scale by the
-# upstream gradient (``ambient_fast::ambient_loss_backward``); no residual is ever materialised.
+# (B,) float32 loss, float64 for float64 inputs). ONE op, ``ambient_fast::ambient_loss``, with a
+# CUDA kernel (Triton, below) and a CPU kernel (C++, csrc/ambient_loss.cpp), a fake kernel and
+# autograd. One pass reads pred, y_t and y_tmin once, derives the per-sample mask m_i,
+# coefficients (a_i, b_i, c_i) and weight w_i from sigma / sigma_min / sigma_max / weight
+# (schedule and target are constexprs; a_i is 1 in every row of the table, so it is folded
+# away), accumulates sum_j r_ij^2 in fp32 (fp64 for fp64 inputs) and, when pred needs a
+# gradient, writes d loss_i / d pred_ij = 2 m_i w_i r_ij / (N * grad_count) in pred's dtype
+# during the same pass (Liger-style): with grad_count = B that is already the gradient of the
+# batch mean, and the backward of a mean/sum whose upstream gradient is 1 returns it as is.
+#
+# Checks (``check=True``, eager only): the same pass writes per-sample flags (FLAG_* below, the
+# bits of csrc/ops.h LossFlag): NaN/Inf in pred, y_t or y_tmin, invalid levels (sigma <= 0,
+# sigma_min < 0, sigma_max < 0, VP levels >= 1, non-finite), non-finite coefficients or weight
+# in the compute dtype (extreme levels), a loss that overflows, a gradient that overflows pred's
+# dtype (fp16 near the sigma -> sigma_min pole). The C++ kernel returns the largest flag and
+# the first bad row; on CUDA the caller reduces the B flags once (one sync). Only then, on the
+# error path, are the reference checks run to name the argument and sample (raise_for_flags).
+# With checks, rows that do not train are read too (so a NaN anywhere is reported); without,
+# they are not read at all. Either way they get loss 0 and gradient 0 exactly.
 #
 # Tiling: each program owns a [BLOCK_ROWS, BLOCK_COLS] tile of the (B, N) row view. Short rows
 # pack several rows per program; rows longer than MAX_BLOCK are split over programs, each
 # writing a partial sum of squares to a (B, chunks) workspace that a second kernel reduces in
-# a fixed order: no float atomics, bitwise reproducible run to run.
+# a fixed order: no float atomics, bitwise reproducible run to run (flags of split rows are
+# combined with an integer atomic OR).
 #
 # Layout: rows are read in the memory order of pred's trailing dims, so contiguous and
 # channels_last tensors (and batch slices with any row stride) are read in place; the gradient
 # is written in pred's layout. A contiguous copy is made only for an input whose trailing dims
-# are not dense in pred's memory order (e.g. a strided slice, or y_t in a different layout than
-# pred). Rows that do not train are not read at all and get loss 0 and gradient 0 exactly (no
-# NaN, even when sigma <= sigma_min).
+# are not dense in pred's memory order. The C++ kernel reads each sample as one contiguous run
+# with any batch stride (other layouts get one copy) and converts mixed dtypes to the compute
+# dtype first.
 #
-# Limits: differentiable in pred only (y_t, y_tmin, weight and the levels are data; the public
-# entry point refuses inputs that would need their gradient). Row length <= 65535 * MAX_BLOCK.
-# The float options (eligibility scale/shift, sigma_data) are constexprs: each distinct value
-# compiles its own kernel, and they are exact in fp64 (a float kernel argument would be fp32).
+# Limits: differentiable in pred only (the public entry point routes inputs that need other
+# gradients to the reference). Row length <= 65535 * MAX_BLOCK on CUDA. The float options
+# (eligibility scale/shift, sigma_data) are constexprs: each distinct value compiles its own
+# kernel, and they are exact in fp64. Under torch.compile the op is opaque (it is one fused
+# pass already) and runs without checks. The Triton kernels also run on CPU tensors in
+# Triton's interpreter (TRITON_INTERPRET=1, ``kernel="triton"``), which is how CI tests them.
 #
-# The row-layout, tiling and registration helpers live in ``_layout.py`` (shared with ``solver_step.py``).
+# The row-layout and tiling helpers live in ``_layout.py``, the C++ glue in ``_native.py``.
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import triton
@@ -38,24 +55,48 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..core.loss import LossConfig
+from ..core.validation import check_finite, check_per_sample, check_sigma_pair
+from . import _native
 from ._layout import (
     MAX_BLOCK,
     as_rows,
+    check_kernel,
     div_rn,
     empty_rows_like,
+    fake_output,
     load_rows,
     load_tile,
     memory_order,
     num_warps,
-    register_op,
-    shapes_only,
     sqrt_rn,
     store_tile,
     tile_indices,
     tile_shape,
 )
 
-__all__ = ["ambient_loss_triton", "MAX_BLOCK"]
+__all__ = [
+    "FLAG_TRAINED",
+    "MAX_BLOCK",
+    "ambient_loss_bwd",
+    "ambient_loss_cpp_fwd",
+    "ambient_loss_fwd",
+    "fused_ambient_loss",
+    "raise_for_flags",
+]
+
+# Per-sample check flags (csrc/ops.h LossFlag): 1 = the row trains, every larger bit an error.
+FLAG_TRAINED = tl.constexpr(1)
+FLAG_PRED = tl.constexpr(2)
+FLAG_Y_T = tl.constexpr(4)
+FLAG_Y_TMIN = tl.constexpr(8)
+FLAG_SIGMA = tl.constexpr(16)
+FLAG_SIGMA_MIN = tl.constexpr(32)
+FLAG_SIGMA_MAX = tl.constexpr(64)
+FLAG_WEIGHT = tl.constexpr(128)
+FLAG_COEFF = tl.constexpr(256)
+FLAG_LOSS = tl.constexpr(512)
+FLAG_GRAD = tl.constexpr(1024)
+_LEVEL_FLAGS = 16 | 32 | 64 | 128 | 256
 
 # ----------------------------------------------------------------------------------------------
 # Loss kernels
@@ -118,10 +159,43 @@ def _row_terms(
 
 
 @triton.jit
+def _finite(x):
+    """Elementwise: x is neither NaN nor +-Inf."""
+    d = x - x
+    return d == 0
+
+
+@triton.jit
+def _row_nonfinite(tile):
+    """Per row of a tile: whether any element is NaN or Inf (masked elements are loaded as 0)."""
+    return tl.max((~_finite(tile)).to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _level_flags(sigma, sigma_min, sigma_max, weight, trained, b, c, w, VP: tl.constexpr, WEIGHT_MODE: tl.constexpr):
+    """FLAG_* bits of the per-sample levels and coefficients (see the header)."""
+    sigma_ok = _finite(sigma) & (sigma > 0)
+    sigma_min_ok = _finite(sigma_min) & (sigma_min >= 0)
+    if VP:
+        sigma_ok = sigma_ok & (sigma < 1)
+        sigma_min_ok = sigma_min_ok & (sigma_min < 1)
+    flags = tl.where(trained, FLAG_TRAINED, 0)
+    flags |= tl.where(sigma_ok, 0, FLAG_SIGMA)
+    flags |= tl.where(sigma_min_ok, 0, FLAG_SIGMA_MIN)
+    flags |= tl.where(_finite(sigma_max) & (sigma_max >= 0), 0, FLAG_SIGMA_MAX)
+    if WEIGHT_MODE == 1:
+        flags |= tl.where(_finite(weight), 0, FLAG_WEIGHT)
+    coeff_ok = _finite(b) & _finite(c) & _finite(w)
+    flags |= tl.where(trained & (~coeff_ok), FLAG_COEFF, 0)
+    return flags
+
+
+@triton.jit
 def _ambient_loss_fwd_kernel(
     loss_ptr,
     partial_ptr,
     grad_ptr,
+    flags_ptr,
     pred_ptr,
     y_t_ptr,
     y_tmin_ptr,
@@ -139,6 +213,7 @@ def _ambient_loss_fwd_kernel(
     stride_weight,
     n_rows,
     n_cols,
+    grad_count,
     ELIG_SCALE: tl.constexpr,
     ELIG_SHIFT: tl.constexpr,
     SIGMA_DATA: tl.constexpr,
@@ -148,40 +223,62 @@ def _ambient_loss_fwd_kernel(
     WEIGHT_MODE: tl.constexpr,
     FP64: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    CHECK: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    """One tile: residual, per-row sum of squares (loss or partial), and d loss / d pred."""
+    """One tile: residual, per-row sum of squares (loss or partial), d loss / d pred, flags."""
     rows, cols, row_ok, mask = tile_indices(n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
+    sigma = load_rows(sigma_ptr, rows, stride_sigma, row_ok, FP64)
+    sigma_min = load_rows(sigma_min_ptr, rows, stride_sigma_min, row_ok, FP64)
+    sigma_max = load_rows(sigma_max_ptr, rows, stride_sigma_max, row_ok, FP64)
+    weight = load_rows(weight_ptr, rows, stride_weight, row_ok & (WEIGHT_MODE == 1), FP64)
     trained, b, c, w = _row_terms(
-        load_rows(sigma_ptr, rows, stride_sigma, row_ok, FP64),
-        load_rows(sigma_min_ptr, rows, stride_sigma_min, row_ok, FP64),
-        load_rows(sigma_max_ptr, rows, stride_sigma_max, row_ok, FP64),
-        load_rows(weight_ptr, rows, stride_weight, row_ok & (WEIGHT_MODE == 1), FP64),
+        sigma, sigma_min, sigma_max, weight,
         ELIG_SCALE, ELIG_SHIFT, SIGMA_DATA, VP, EPS, CONTRACTION, WEIGHT_MODE,
     )
     n = tl.cast(n_cols, b.dtype)
-    # Residual (rows that do not train are never read: r = 0 there).
-    live = mask & trained[:, None]
+    # Residual. Without checks rows that do not train are never read (r = 0 there); with
+    # checks every row is read for the NaN/Inf scan and r is zeroed where the row does not train.
+    if CHECK:
+        live = mask
+    else:
+        live = mask & trained[:, None]
     pred = load_tile(pred_ptr, rows, cols, stride_pred, live, FP64)
     y_t = load_tile(y_t_ptr, rows, cols, stride_y_t, live, FP64)
     y_tmin = load_tile(y_tmin_ptr, rows, cols, stride_y_tmin, live, FP64)
     r = pred + b[:, None] * y_t + c[:, None] * y_tmin
-    # Gradient of this sample's loss: 2 m w r / N, in pred's dtype.
+    if CHECK:
+        r = tl.where(trained[:, None], r, 0.0)
+        flags = _level_flags(sigma, sigma_min, sigma_max, weight, trained, b, c, w, VP, WEIGHT_MODE)
+        flags |= tl.where(_row_nonfinite(pred), FLAG_PRED, 0)
+        flags |= tl.where(_row_nonfinite(y_t), FLAG_Y_T, 0)
+        flags |= tl.where(_row_nonfinite(y_tmin), FLAG_Y_TMIN, 0)
+    # Gradient of this sample's loss: 2 m w r / (N grad_count), in pred's dtype.
     if WRITE_GRAD:
-        grad_scale = tl.where(trained, div_rn(2 * w, n), 0.0)
-        store_tile(grad_ptr, rows, cols, stride_grad, mask, r * grad_scale[:, None])
+        grad_scale = tl.where(trained, div_rn(2 * w, n * tl.cast(grad_count, b.dtype)), 0.0)
+        grad = (r * grad_scale[:, None]).to(grad_ptr.dtype.element_ty)
+        store_tile(grad_ptr, rows, cols, stride_grad, mask, grad)
+        if CHECK:
+            flags |= tl.where(_row_nonfinite(tl.where(mask, grad.to(r.dtype), 0.0)), FLAG_GRAD, 0)
     row_sum = tl.sum(r * r, axis=1)
     if SPLIT:
         tl.store(partial_ptr + rows * tl.num_programs(1) + tl.program_id(1), row_sum, mask=row_ok)
+        if CHECK:
+            tl.atomic_or(flags_ptr + rows, flags, mask=row_ok)
     else:
-        tl.store(loss_ptr + rows, tl.where(trained, w * div_rn(row_sum, n), 0.0), mask=row_ok)
+        loss = tl.where(trained, w * div_rn(row_sum, n), 0.0)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        if CHECK:
+            flags |= tl.where(trained & (~_finite(loss)), FLAG_LOSS, 0)
+            tl.store(flags_ptr + rows, flags, mask=row_ok)
 
 
 @triton.jit
 def _ambient_loss_fwd_reduce_kernel(
     loss_ptr,
+    flags_ptr,
     partial_ptr,
     sigma_ptr,
     sigma_min_ptr,
@@ -202,6 +299,7 @@ def _ambient_loss_fwd_reduce_kernel(
     CONTRACTION: tl.constexpr,
     WEIGHT_MODE: tl.constexpr,
     FP64: tl.constexpr,
+    CHECK: tl.constexpr,
     BLOCK_ROWS: tl.constexpr,
     BLOCK_CHUNKS: tl.constexpr,
 ):
@@ -222,7 +320,12 @@ def _ambient_loss_fwd_reduce_kernel(
         ELIG_SCALE, ELIG_SHIFT, SIGMA_DATA, VP, EPS, CONTRACTION, WEIGHT_MODE,
     )
     n = tl.cast(n_cols, row_sum.dtype)
-    tl.store(loss_ptr + rows, tl.where(trained, w * div_rn(row_sum, n), 0.0), mask=row_ok)
+    loss = tl.where(trained, w * div_rn(row_sum, n), 0.0)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+    if CHECK:
+        flags = tl.load(flags_ptr + rows, mask=row_ok, other=0)
+        flags |= tl.where(trained & (~_finite(loss)), FLAG_LOSS, 0)
+        tl.store(flags_ptr + rows, flags, mask=row_ok)
 
 
 @triton.jit
@@ -247,12 +350,8 @@ def _ambient_loss_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: Triton (CUDA, or CPU tensors under TRITON_INTERPRET=1) and C++ (CPU)
 # ----------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def ambient_loss_fwd(
@@ -267,9 +366,11 @@ def ambient_loss_fwd(
     weight: torch.Tensor | None,
     cfg: LossConfig,
     *,
+    flags: torch.Tensor | None = None,
+    grad_count: int = 1,
     max_block: int = MAX_BLOCK,
 ) -> None:
-    """Write the per-sample loss into ``loss`` and, if given, d loss_i / d pred into ``grad``.
+    """Triton: write the per-sample loss into ``loss`` and, if given, the gradient into ``grad``.
 
     Args:
         loss: ``(B,)`` output, float32 (float64 for fp64 ``pred``).
@@ -277,10 +378,12 @@ def ambient_loss_fwd(
             :func:`empty_rows_like`), or None to skip the gradient.
         pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg: as
             ``per_sample_loss_reference``.
+        flags: ``(B,)`` int32 zeros to receive the check flags (FLAG_*), or None: no checks.
+        grad_count: the gradient is divided by it (B: gradient of the batch mean).
         max_block: elements per program (a power of two); tests lower it to split short rows.
     """
     n_rows = pred.shape[0]
-    if n_rows == 0 or shapes_only(loss):
+    if n_rows == 0:
         return
     n_cols = pred.numel() // n_rows
     if n_cols == 0:
@@ -295,6 +398,7 @@ def ambient_loss_fwd(
     partial = torch.empty((n_rows, chunks), dtype=loss.dtype, device=loss.device) if split else sigma
     weight_mode = 1 if weight is not None else (2 if cfg.edm_weight else 0)
     weight_arg = weight if weight is not None else sigma
+    flags_arg = flags if flags is not None else sigma
     options = dict(
         ELIG_SCALE=cfg.elig_scale,
         ELIG_SHIFT=cfg.elig_shift,
@@ -304,13 +408,14 @@ def ambient_loss_fwd(
         CONTRACTION=cfg.contraction,
         WEIGHT_MODE=weight_mode,
         FP64=loss.dtype == torch.float64,
+        CHECK=flags is not None,
     )
     wrap_triton(_ambient_loss_fwd_kernel)[(triton.cdiv(n_rows, block_rows), chunks)](
-        loss, partial, grad_rows,
+        loss, partial, grad_rows, flags_arg,
         pred_rows, y_t_rows, y_tmin_rows, sigma, sigma_min, sigma_max, weight_arg,
         grad_rows.stride(0), pred_rows.stride(0), y_t_rows.stride(0), y_tmin_rows.stride(0),
         sigma.stride(0), sigma_min.stride(0), sigma_max.stride(0), weight_arg.stride(0),
-        n_rows, n_cols,
+        n_rows, n_cols, grad_count,
         **options,
         WRITE_GRAD=grad is not None,
         SPLIT=split,
@@ -322,7 +427,7 @@ def ambient_loss_fwd(
         block_chunks = min(triton.next_power_of_2(chunks), max_block)
         reduce_rows = max(1, min(max_block // block_chunks, triton.next_power_of_2(n_rows)))
         wrap_triton(_ambient_loss_fwd_reduce_kernel)[(triton.cdiv(n_rows, reduce_rows),)](
-            loss, partial, sigma, sigma_min, sigma_max, weight_arg,
+            loss, flags_arg, partial, sigma, sigma_min, sigma_max, weight_arg,
             sigma.stride(0), sigma_min.stride(0), sigma_max.stride(0), weight_arg.stride(0),
             n_rows, n_cols, chunks,
             **options,
@@ -339,7 +444,7 @@ def ambient_loss_bwd(
     *,
     max_block: int = MAX_BLOCK,
 ) -> None:
-    """``grad_pred = grad_loss[:, None...] * grad_unit``; both dense in ``grad_unit``'s order.
+    """Triton: ``grad_pred = grad_loss[:, None...] * grad_unit``; both dense in ``grad_unit``'s order.
 
     Args:
         grad_pred: output, shape/dtype/layout of ``grad_unit`` (see :func:`empty_rows_like`).
@@ -349,7 +454,7 @@ def ambient_loss_bwd(
     """
     n_rows = grad_unit.shape[0]
     n_cols = grad_unit.numel() // n_rows if n_rows else 0
-    if n_rows == 0 or n_cols == 0 or shapes_only(grad_pred):
+    if n_rows == 0 or n_cols == 0:
         return
     order = memory_order(grad_unit)
     out_rows = as_rows(grad_pred, order, copy=False)
@@ -366,12 +471,106 @@ def ambient_loss_bwd(
     )
 
 
+def ambient_loss_cpp_fwd(
+    loss: torch.Tensor,
+    grad: torch.Tensor | None,
+    pred: torch.Tensor,
+    y_t: torch.Tensor,
+    y_tmin: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_min: torch.Tensor,
+    sigma_max: torch.Tensor,
+    weight: torch.Tensor | None,
+    cfg: LossConfig,
+    *,
+    flags: torch.Tensor | None = None,
+    grad_count: int = 1,
+) -> tuple[int, int]:
+    """C++: the contract of :func:`ambient_loss_fwd` on CPU tensors.
+
+    ``grad``: contiguous, in ``pred``'s dtype (in the compute dtype when the inputs' dtypes
+    differ: they are converted to it first). Returns ``(largest flag, first row with an error flag
+    or -1)``; ``(0, -1)`` without ``flags``.
+    """
+    ext = _native.extension()
+    batch = pred.shape[0]
+    numel = pred.numel() // batch if batch else 0
+    if numel == 0:
+        raise ValueError(f"ambient loss: samples of shape {tuple(pred.shape[1:])} have no elements to average")
+    operands = _native.same_dtype([pred, y_t, y_tmin], pred)
+    (p, p_rows), (yt, yt_rows), (ytm, ytm_rows) = (_native.rows(t) for t in operands)
+    levels = [_native.levels(t) for t in (sigma, sigma_min, sigma_max)]
+    w = _native.levels(weight) if weight is not None else None
+    return ext.ambient_loss(
+        dtype=_native.DTYPE_NAMES[operands[0].dtype],
+        batch=batch,
+        numel=numel,
+        loss=loss.data_ptr(),
+        grad=(grad.data_ptr(), numel) if grad is not None else None,
+        pred=p_rows,
+        y_t=yt_rows,
+        y_tmin=ytm_rows,
+        sigma=levels[0].data_ptr(),
+        sigma_min=levels[1].data_ptr(),
+        sigma_max=levels[2].data_ptr(),
+        weight=w.data_ptr() if w is not None else 0,
+        flags=flags.data_ptr() if flags is not None else 0,
+        grad_count=grad_count,
+        schedule=cfg.schedule,
+        target=cfg.target,
+        contraction=cfg.contraction,
+        elig_scale=cfg.elig_scale,
+        elig_shift=cfg.elig_shift,
+        edm_weight=cfg.edm_weight,
+        sigma_data=cfg.sigma_data,
+    )
+
+
+def _forward(
+    pred: torch.Tensor,
+    y_t: torch.Tensor,
+    y_tmin: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_min: torch.Tensor,
+    sigma_max: torch.Tensor,
+    weight: torch.Tensor | None,
+    cfg: LossConfig,
+    need_grad: bool,
+    kernel: str,
+    check: bool,
+    grad_count: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int | None]:
+    """The one implementation behind the op and the eager path.
+
+    Returns ``(loss (B,), gradient or None, flags (B,) int32 or None, largest flag)``; the
+    largest flag is known without a sync on CPU (C++) and None for Triton (reduce ``flags``).
+    """
+    batch = pred.shape[0]
+    loss = torch.empty(batch, dtype=_native.compute_dtype(pred.dtype), device=pred.device)
+    flags = torch.zeros(batch, dtype=torch.int32, device=pred.device) if check else None
+    if kernel == "cpp":
+        mixed = not (y_t.dtype == pred.dtype and y_tmin.dtype == pred.dtype)
+        storage = _native.compute_dtype(pred.dtype) if mixed else pred.dtype
+        grad = torch.empty(pred.shape, dtype=storage) if need_grad else None
+        largest, _ = ambient_loss_cpp_fwd(
+            loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, flags=flags, grad_count=grad_count
+        )
+        if grad is not None and grad.dtype != pred.dtype:
+            grad = grad.to(pred.dtype)
+        return loss, grad, flags, largest
+    grad = empty_rows_like(pred) if need_grad else None
+    ambient_loss_fwd(
+        loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, flags=flags, grad_count=grad_count
+    )
+    return loss, grad, flags, None
+
+
 # ----------------------------------------------------------------------------------------------
-# Custom ops
+# The op: CPU (C++) and CUDA (Triton) kernels, fake kernel, autograd
 # ----------------------------------------------------------------------------------------------
 
 
-@register_op("ambient_fast::ambient_loss")
+@torch.library.custom_op("ambient_fast::ambient_loss", mutates_args=(), device_types=("cpu", "cuda"))
 def _ambient_loss_op(
     pred: torch.Tensor,
     y_t: torch.Tensor,
@@ -388,8 +587,13 @@ def _ambient_loss_op(
     edm_weight: bool,
     sigma_data: float,
     need_grad: bool,
+    kernel: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss (B,), d loss_i / d pred)``; the second output is empty when ``need_grad`` is False."""
+    """``(loss (B,), d loss_i / d pred)``; the second output is empty when ``need_grad`` is False.
+
+    ``kernel``: ``"triton"`` (CUDA, or CPU tensors under TRITON_INTERPRET=1) or ``"cpp"`` (CPU).
+    """
+    check_kernel(kernel, pred.device)
     cfg = LossConfig(
         schedule=schedule,  # type: ignore[arg-type]
         target=target,  # type: ignore[arg-type]
@@ -399,39 +603,104 @@ def _ambient_loss_op(
         edm_weight=edm_weight,
         sigma_data=sigma_data,
     )
-    loss = torch.empty(pred.shape[0], dtype=_compute_dtype(pred), device=pred.device)
-    grad = empty_rows_like(pred) if need_grad else pred.new_empty(0)
-    ambient_loss_fwd(loss, grad if need_grad else None, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
-    return loss, grad
+    loss, grad, _, _ = _forward(
+        pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, need_grad, kernel, False, 1
+    )
+    return loss, grad if grad is not None else pred.new_empty(0)
 
 
-@register_op("ambient_fast::ambient_loss_backward")
-def _ambient_loss_backward_op(grad_unit: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
-    """``grad_loss_i * grad_unit_i...``: the backward of ``ambient_fast::ambient_loss``."""
-    grad_pred = empty_rows_like(grad_unit)
-    ambient_loss_bwd(grad_pred, grad_unit, grad_loss)
-    return grad_pred
+@_ambient_loss_op.register_fake
+def _(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, *options):
+    need_grad, kernel = options[-2], options[-1]
+    loss = pred.new_empty((pred.shape[0],), dtype=_native.compute_dtype(pred.dtype))
+    if not need_grad:
+        return loss, pred.new_empty(0)
+    return loss, fake_output(pred, kernel)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    ctx.wrote_grad = inputs[-1]  # need_grad
+    ctx.wrote_grad = inputs[-2]  # need_grad
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
 
 def _backward(ctx, grad_loss: torch.Tensor, _grad_unit_grad: torch.Tensor):
+    if any(ctx.needs_input_grad[1:7]) or torch.is_grad_enabled():
+        raise NotImplementedError(
+            "ambient_fast::ambient_loss gives first derivatives with respect to pred only; "
+            "use ambient_loss(..., backend='torch') for other inputs or create_graph=True"
+        )
     if not ctx.needs_input_grad[0]:
-        return (None,) * 15
+        return (None,) * 16
     if not ctx.wrote_grad:
         raise RuntimeError("ambient_fast::ambient_loss: pred needs a gradient but need_grad was False")
     (grad_unit,) = ctx.saved_tensors
-    return (torch.ops.ambient_fast.ambient_loss_backward(grad_unit, grad_loss),) + (None,) * 14
+    return (_scale_rows(grad_unit, grad_loss),) + (None,) * 15
 
 
 _ambient_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def ambient_loss_triton(
+def _scale_rows(grad_unit: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """``grad_loss_i * grad_unit_i...`` computed in fp32 (fp64) and rounded once to the unit's dtype."""
+    if grad_unit.is_cuda and not torch.compiler.is_compiling():
+        out = empty_rows_like(grad_unit)
+        ambient_loss_bwd(out, grad_unit, grad_loss)
+        return out
+    scale = grad_loss.reshape((-1,) + (1,) * (grad_unit.dim() - 1))
+    return torch.mul(grad_unit, scale, out=torch.empty_like(grad_unit))
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager path: the same kernels without the dispatcher, with checks, and Liger's backward
+# ----------------------------------------------------------------------------------------------
+
+
+class _FusedLoss(torch.autograd.Function):
+    """Eager autograd of the op's kernels (one call, no dispatcher), reductions folded in.
+
+    For ``reduction`` "mean"/"sum" the forward already wrote the gradient of the reduced loss
+    (``grad_count = B`` for the mean), so a backward whose upstream gradient is 1 (what
+    ``loss.backward()`` passes) returns it without another pass (Liger's trick; on CUDA the
+    test ``upstream == 1`` is one host sync in the backward).
+    """
+
+    @staticmethod
+    def forward(ctx, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction, need_grad):
+        reduced = reduction in ("mean", "sum")
+        count = pred.shape[0] if reduction == "mean" else 1
+        loss, grad, flags, largest = _forward(
+            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, need_grad, kernel, check, count
+        )
+        if check:
+            if largest is None:
+                largest = int(flags.max())  # one B-element reduction and one sync
+            if largest >= 2:
+                raise_for_flags(flags, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
+            if largest == 0 and reduction != "none":
+                warnings.warn("ambient_loss: no sample in the batch is eligible at its sigma; the loss is 0", stacklevel=4)
+        ctx.reduced = reduced
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        if reduction == "mean":
+            return loss.mean()
+        if reduction == "sum":
+            return loss.sum()
+        return loss  # "none", "mean_trained": reduced by the caller
+
+    @staticmethod
+    def backward(ctx, upstream):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 12
+        (grad,) = ctx.saved_tensors
+        if ctx.reduced:
+            if float(upstream) == 1.0:
+                return (grad,) + (None,) * 11
+            return (torch.mul(grad, upstream, out=torch.empty_like(grad)),) + (None,) * 11
+        return (_scale_rows(grad, upstream),) + (None,) * 11
+
+
+def fused_ambient_loss(
     pred: torch.Tensor,
     y_t: torch.Tensor,
     y_tmin: torch.Tensor,
@@ -440,19 +709,27 @@ def ambient_loss_triton(
     sigma_max: torch.Tensor,
     weight: torch.Tensor | None,
     cfg: LossConfig,
+    *,
+    kernel: str,
+    check: bool = False,
+    reduction: str = "none",
 ) -> torch.Tensor:
-    """Fused per-sample ambient loss (SPEC 2); the Triton backend of ``per_sample_loss_reference``.
+    """Fused per-sample ambient loss (SPEC 2): the op's kernels, in eager without the dispatcher.
 
     Args:
-        pred, y_t, y_tmin: ``(B, ...)`` same shape and dtype (fp16/bf16/fp32/fp64), any layout.
+        pred, y_t, y_tmin: ``(B, ...)`` same shape (fp16/bf16/fp32/fp64), any layout.
         sigma, sigma_min, sigma_max: ``(B,)`` levels, any floating dtype and stride.
         weight: ``(B,)`` per-sample weight replacing the default, or None.
         cfg: resolved options (:class:`~ambient_fast.core.loss.LossConfig`).
+        kernel: ``"triton"`` or ``"cpp"`` (see the op).
+        check: eager input checks in the kernel pass (ignored under torch.compile): raises the
+            reference's ValueError naming the argument and the first bad sample.
+        reduction: ``"none"`` (``(B,)``), ``"mean"``, ``"sum"`` or ``"mean_trained"`` over the
+            batch (see ``ambient_fast.ambient_loss``).
 
     Returns:
-        ``(B,)`` float32 loss (float64 for fp64 inputs), differentiable in ``pred``: when
-        ``pred`` requires grad, d loss / d pred is written during this forward pass and the
-        backward only scales it by the upstream gradient.
+        float32 (float64 for fp64 inputs) loss, differentiable in ``pred``: when ``pred``
+        requires grad, d loss / d pred is written during this forward pass.
     """
     grad_enabled = torch.is_grad_enabled()
     if grad_enabled:
@@ -460,12 +737,75 @@ def ambient_loss_triton(
         for name, t in data.items():
             if t is not None and t.requires_grad:
                 raise ValueError(
-                    f"ambient_loss_triton differentiates pred only, but {name} requires grad; "
+                    f"the fused ambient loss differentiates pred only, but {name} requires grad; "
                     "detach it or use backend='torch'"
                 )
-    loss, _ = _ambient_loss_op(
-        pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight,
-        cfg.schedule, cfg.target, cfg.contraction, cfg.elig_scale, cfg.elig_shift,
-        cfg.edm_weight, cfg.sigma_data, grad_enabled and pred.requires_grad,
-    )
+    need_grad = grad_enabled and pred.requires_grad
+    if torch.compiler.is_compiling():
+        loss, _ = _ambient_loss_op(
+            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight,
+            cfg.schedule, cfg.target, cfg.contraction, cfg.elig_scale, cfg.elig_shift,
+            cfg.edm_weight, cfg.sigma_data, need_grad, kernel,
+        )
+    else:
+        check_kernel(kernel, pred.device)
+        loss = _FusedLoss.apply(
+            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction, need_grad
+        )
+        if reduction in ("mean", "sum"):
+            return loss  # reduced inside, with the gradient of the reduced loss
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean_trained":
+        return loss.sum() / (loss != 0).sum().clamp(min=1)
     return loss
+
+
+def raise_for_flags(
+    flags: torch.Tensor,
+    pred: torch.Tensor,
+    y_t: torch.Tensor,
+    y_tmin: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_min: torch.Tensor,
+    sigma_max: torch.Tensor,
+    weight: torch.Tensor | None,
+    cfg: LossConfig,
+) -> None:
+    """Error path of the in-kernel checks: raise the ValueError that names the argument and sample.
+
+    Bad inputs get exactly the reference checks' messages (run here, once something is known
+    to be wrong); what is left are overflows of finite inputs in the compute dtype.
+    """
+    batch, device = pred.shape[0], pred.device
+    check_sigma_pair(sigma, sigma_min, pred, cfg.schedule, sigma_max)
+    if weight is not None:
+        check_per_sample("weight", weight, batch, device)
+    for name, t in (("pred", pred), ("y_t", y_t), ("y_tmin", y_tmin)):
+        check_finite(name, t)
+    compute = _native.compute_dtype(pred.dtype)
+    for bits, message in (
+        (
+            _LEVEL_FLAGS,
+            "sigma: the loss coefficients of sample {i} (sigma={s:.6g}, sigma_min={sm:.6g}) are not finite in "
+            f"{compute}; levels this extreme overflow its arithmetic (keep 1e-15 < sigma < 1e15 for float32)",
+        ),
+        (
+            FLAG_LOSS.value,
+            "pred: the loss of sample {i} overflows " + str(compute) + " (sigma={s:.6g}, sigma_min={sm:.6g}): the "
+            "residual or the weight is too large",
+        ),
+        (
+            FLAG_GRAD.value,
+            "pred: d loss / d pred of sample {i} overflows " + str(pred.dtype) + " (sigma={s:.6g} is too close to "
+            "sigma_min={sm:.6g}, where the coefficients diverge): train with float32 predictions, or keep sigma "
+            "away from sigma_min (s_max < inf, buffer > 0)",
+        ),
+    ):
+        rows = torch.nonzero(flags & bits).flatten()
+        if rows.numel():
+            i = int(rows[0])
+            raise ValueError(message.format(i=i, s=float(sigma[i]), sm=float(sigma_min[i])))
+    raise AssertionError(f"ambient_loss: unexplained check flags {flags.tolist()}")  # pragma: no cover

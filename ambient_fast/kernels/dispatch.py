@@ -1,25 +1,34 @@
-"""Backend selection for the fused ops: CUDA -> Triton, CPU -> C++, anything else -> reference.
+"""Backend selection for the fused ops: which kernel of the one op runs, or the reference.
 
-A backend is a :class:`Backend` bundle of five functions with the contracts of
-``core.loss.per_sample_loss_reference`` and ``core.solver_step``. ``backend="auto"`` picks by
-device; ``"torch"``, ``"triton"`` and ``"cpp"`` force one (forcing Triton on CPU tensors
-works under ``TRITON_INTERPRET=1``, which is how CI tests the kernels).
+Each fused op (``kernels/ambient_loss.py``, ``kernels/<step>_step.py``) is ONE ``torch.library``
+op with a CUDA (Triton) and a CPU (C++) kernel; a backend name only picks the kernel, or the
+plain-PyTorch reference of ``core`` as the fallback:
+
+- ``"auto"``: ``"triton"`` for CUDA tensors, ``"cpp"`` for CPU tensors when the extension
+  ``ambient_fast._C`` is built (else the reference, with one warning), the reference elsewhere;
+- ``"torch"``: the reference;
+- ``"triton"`` / ``"cpp"``: force one kernel (``"triton"`` runs CPU tensors in Triton's
+  interpreter under ``TRITON_INTERPRET=1``, which is how CI tests the kernels).
+
+A :class:`Backend` is a bundle of five functions with the contracts of
+``core.loss.per_sample_loss_reference`` and ``core.solver_step``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from ..core import solver_step as _ref_step
 from ..core.loss import per_sample_loss_reference
+from . import _native
+from ._layout import INTERPRETED
 
-__all__ = ["Backend", "get_backend", "loss_backend", "step_backend", "BACKENDS"]
+__all__ = ["BACKENDS", "REFERENCE", "Backend", "get_backend", "loss_backend", "resolve_kernel", "step_backend"]
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
 
@@ -45,100 +54,71 @@ REFERENCE = Backend(
     _ref_step.ancestral_step,
 )
 
-
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ImportError:
-        return False
+# Bundles by kernel name. A plain dict rather than functools.cache: torch.compile traces
+# through get_backend and guards on dict entries, while it warns about and bypasses caches.
+_FUSED: dict[str, Backend] = {}
+_WARNED: list[bool] = []
 
 
-# Resolved backends by name. A plain dict rather than functools.cache: torch.compile traces
-# through get_backend (it runs inside ambient_loss) and guards on dict entries, while it
-# warns about and bypasses cache wrappers.
-_RESOLVED: dict[str, Backend | None] = {}
+def _fused(kernel: str) -> Backend:
+    if kernel not in _FUSED:
+        from .ambient_loss import fused_ambient_loss
+        from .ancestral_step import ancestral_step
+        from .churn_step import churn_step
+        from .euler_step import euler_step
+        from .heun_step import heun_step
 
-
-def _triton_backend() -> Backend | None:
-    if "triton" not in _RESOLVED:
-        _RESOLVED["triton"] = _load_triton_backend()
-    return _RESOLVED["triton"]
-
-
-def _cpp_backend() -> Backend | None:
-    if "cpp" not in _RESOLVED:
-        _RESOLVED["cpp"] = _load_cpp_backend()
-    return _RESOLVED["cpp"]
-
-
-def _load_triton_backend() -> Backend | None:
-    if not (_module_exists("triton") and _module_exists("ambient_fast.kernels.ambient_loss")):
-        return None
-    from . import ambient_loss as loss_mod
-    from . import solver_step as step_mod
-
-    return Backend(
-        "triton",
-        loss_mod.ambient_loss_triton,
-        step_mod.euler_step_triton,
-        step_mod.heun_step_triton,
-        step_mod.churn_step_triton,
-        step_mod.ancestral_step_triton,
-    )
-
-
-def _load_cpp_backend() -> Backend | None:
-    if not _module_exists("ambient_fast.kernels.cpu_ops"):
-        return None
-    from . import cpu_ops
-
-    if not cpu_ops.available():
-        warnings.warn(
-            "ambient_fast: the native CPU extension (ambient_fast._C) is not built; CPU ops fall "
-            f"back to the plain-PyTorch reference ({cpu_ops.load_error()}). Reinstall with a C++17 "
-            "compiler to get the fused CPU kernels.",
-            RuntimeWarning,
-            stacklevel=3,
+        _FUSED[kernel] = Backend(
+            kernel,
+            partial(fused_ambient_loss, kernel=kernel),
+            partial(euler_step, kernel=kernel),
+            partial(heun_step, kernel=kernel),
+            partial(churn_step, kernel=kernel),
+            partial(ancestral_step, kernel=kernel),
         )
-        return None
-    return Backend(
-        "cpp",
-        cpu_ops.ambient_loss_cpp,
-        cpu_ops.euler_step_cpp,
-        cpu_ops.heun_step_cpp,
-        cpu_ops.churn_step_cpp,
-        cpu_ops.ancestral_step_cpp,
-    )
+    return _FUSED[kernel]
 
 
-def get_backend(name: str, device: torch.device) -> Backend:
-    """Resolve ``name`` (``auto``/``torch``/``triton``/``cpp``) for tensors on ``device``."""
+def resolve_kernel(name: str, device: torch.device) -> str:
+    """``"torch"`` (the reference), ``"triton"`` or ``"cpp"`` for backend ``name`` on ``device``."""
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "torch":
-        return REFERENCE
+        return "torch"
     if name == "triton":
-        backend = _triton_backend()
-        if backend is None:
-            raise RuntimeError("backend='triton' requested but the Triton kernels are not available")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type != "cuda" and not INTERPRETED:
             raise RuntimeError(
                 f"backend='triton' needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
                 "before importing to run the kernels on CPU in Triton's interpreter"
             )
-        return backend
+        return "triton"
     if name == "cpp":
-        backend = _cpp_backend()
-        if backend is None:
+        if not _native.available():
             raise RuntimeError("backend='cpp' requested but the native extension ambient_fast._C is not built")
         if device.type != "cpu":
             raise RuntimeError(f"backend='cpp' needs CPU tensors, got {device.type}")
-        return backend
+        return "cpp"
     if device.type == "cuda":
-        return _triton_backend() or REFERENCE
+        return "triton"
     if device.type == "cpu":
-        return _cpp_backend() or REFERENCE
-    return REFERENCE
+        if _native.available():
+            return "cpp"
+        if not _WARNED:
+            _WARNED.append(True)
+            warnings.warn(
+                "ambient_fast: the native CPU extension (ambient_fast._C) is not built; CPU ops fall "
+                f"back to the plain-PyTorch reference ({_native.LOAD_ERROR}). Reinstall with a C++17 "
+                "compiler to get the fused CPU kernels.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return "torch"
+
+
+def get_backend(name: str, device: torch.device) -> Backend:
+    """The bundle of backend ``name`` (``auto``/``torch``/``triton``/``cpp``) for tensors on ``device``."""
+    kernel = resolve_kernel(name, device)
+    return REFERENCE if kernel == "torch" else _fused(kernel)
 
 
 def loss_backend(name: str, device: torch.device) -> Callable[..., torch.Tensor]:

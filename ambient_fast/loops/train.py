@@ -48,7 +48,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.loss import ambient_loss
+from ..loss import ambient_loss
 from ..core.noise import derive_seeds, noisy_pair
 from ..core.precond import EDMPrecond
 from ..core.schedules import EDM_P_MEAN, EDM_P_STD, SIGMA_DATA

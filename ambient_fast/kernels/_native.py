@@ -1,0 +1,110 @@
+# C++ binding glue shared by the fused ops (``ambient_loss.py`` and the ``*_step.py`` files).
+#
+# ``ambient_fast._C`` is plain pybind11 with no torch headers (csrc/ARCHITECTURE.md): it takes
+# data pointers, row strides and dtype names. The op files are its only callers; these helpers
+# lay the tensors out for it (each sample's elements contiguous, any batch stride; levels as
+# contiguous float64) and keep them referenced for the call.
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from .. import _C
+except ImportError as exc:  # built with AMBIENT_FAST_NO_EXT=1, or no compiler at install time
+    _C = None
+    LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    LOAD_ERROR = ""
+
+__all__ = [
+    "DTYPE_NAMES",
+    "LOAD_ERROR",
+    "available",
+    "compute_dtype",
+    "extension",
+    "levels",
+    "rows",
+    "run_step",
+    "same_dtype",
+]
+
+DTYPE_NAMES = {
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+}
+
+
+def available() -> bool:
+    """Whether the native extension ``ambient_fast._C`` imported."""
+    return _C is not None
+
+
+def extension():
+    """The ``ambient_fast._C`` module (RuntimeError naming the import failure when not built)."""
+    if _C is None:
+        raise RuntimeError(f"ambient_fast._C is not built ({LOAD_ERROR}); use backend='torch'")
+    return _C
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 storage, float32 for every other dtype (what the kernels compute in)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rows(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``(tensor, (data pointer, row stride))`` with each sample's elements contiguous.
+
+    Any batch stride is kept (slices, expanded rows); other layouts get a contiguous copy.
+    The returned tensor must stay referenced until the kernel returns.
+    """
+    if t.dim() > 1 and t.shape[0] > 0 and not t.is_contiguous() and not t[0].is_contiguous():
+        t = t.contiguous()
+    return t, (t.data_ptr(), t.stride(0))
+
+
+def levels(t: torch.Tensor) -> torch.Tensor:
+    """A ``(B,)`` level vector as contiguous float64 (what the kernels read)."""
+    return t.to(torch.float64).contiguous()
+
+
+def same_dtype(tensors: list[torch.Tensor], reference: torch.Tensor) -> list[torch.Tensor]:
+    """``tensors`` in one storage dtype: unchanged when they share the reference's dtype, else
+    converted to its compute dtype (the dtype the reference computes in)."""
+    if all(t.dtype == reference.dtype for t in tensors):
+        return tensors
+    compute = compute_dtype(reference.dtype)
+    return [t.to(compute) for t in tensors]
+
+
+def run_step(name: str, x: torch.Tensor, inputs: dict, level_args: dict, **kernel_args) -> torch.Tensor:
+    """Run the C++ step ``name`` (``_C.<name>``): ``x`` and ``inputs`` ``(B, ...)`` of one shape,
+    ``level_args`` ``(B,)``; returns a new contiguous tensor of ``x``'s shape and dtype."""
+    ext = extension()
+    batch = x.shape[0] if x.dim() else 0
+    if x.dim() < 1:
+        raise ValueError(f"{name}: x must be batched (B, ...), got a 0-d tensor")
+    for arg, t in inputs.items():
+        if t.shape != x.shape:
+            raise ValueError(f"{name}: {arg} shape {tuple(t.shape)} differs from x's {tuple(x.shape)}")
+    for arg, t in level_args.items():
+        if t.shape != (batch,):
+            raise ValueError(f"{name}: {arg} must have shape ({batch},), got {tuple(t.shape)}")
+    level_tensors = {arg: levels(t) for arg, t in level_args.items()}
+    operands = same_dtype([x, *inputs.values()], x)
+    laid_out = [rows(t) for t in operands]
+    numel = x.numel() // batch if batch else 0
+    out = torch.empty(x.shape, dtype=operands[0].dtype)
+    getattr(ext, name)(
+        dtype=DTYPE_NAMES[operands[0].dtype],
+        batch=batch,
+        numel=numel,
+        out=(out.data_ptr(), numel),
+        x=laid_out[0][1],
+        **{arg: r for arg, (_, r) in zip(inputs, laid_out[1:], strict=True)},
+        **{arg: t.data_ptr() for arg, t in level_tensors.items()},
+        **kernel_args,
+    )
+    return out if out.dtype == x.dtype else out.to(x.dtype)
