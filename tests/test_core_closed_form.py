@@ -140,7 +140,7 @@ N_SAMPLE = 20_000
 @pytest.mark.parametrize("method,steps,extra", [
     ("heun", 32, {}),
     ("euler", 256, {}),
-    ("stochastic", 64, {"S_churn": 30.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.0}),
+    ("churn", 64, {"S_churn": 30.0, "S_tmin": 0.05, "S_tmax": 50.0, "S_noise": 1.0}),
     ("sde", 256, {}),
 ])
 def test_sample_with_exact_gaussian_denoiser_reproduces_moments(gaussian, method, steps, extra):
@@ -187,7 +187,7 @@ def test_stochastic_restore_samples_the_gaussian_posterior(gaussian):
     # start_noise = 0 conditions on x_sm = y exactly; the posterior is then sampled by the
     # reverse SDE. Posterior variances are <= 0.5: mean SE <= 0.005, cov SE <= 0.005.
     out = af.restore(
-        gaussian.denoise, y0, sigma_min, 0.0, num_steps=200, method="stochastic",
+        gaussian.denoise, y0, sigma_min, 0.0, num_steps=200, method="sde",
         seeds=torch.arange(N_POST), start_noise=torch.zeros_like(y0),
     )
     mean, cov = empirical_moments(out)
@@ -202,7 +202,7 @@ def test_stochastic_restore_samples_the_mixture_posterior(mixture):
     y0 = y.expand(N_POST, DIM).clone()
     out = af.restore(
         mixture.denoise, y0, torch.full((N_POST,), sm, dtype=torch.float64), 0.0,
-        num_steps=200, method="stochastic", seeds=torch.arange(N_POST), start_noise=torch.zeros_like(y0),
+        num_steps=200, method="sde", seeds=torch.arange(N_POST), start_noise=torch.zeros_like(y0),
     )
     mean, cov = empirical_moments(out)
     want_mean, want_cov = mixture.posterior_moments(y, sm)

@@ -1,4 +1,4 @@
-"""The native CPU kernels (ambient_fast._C via kernels/cpu_ops.py) against the references.
+"""The native CPU kernels of the one op per function (ambient_fast._C, ``kernel="cpp"``) against the references.
 
 Loss: three-way tolerance (fast vs fp64 reference within twice the low-precision reference's
 own error, plus a small atol) over odd shapes, every dtype, VE/VP x x0/eps, ambient and
@@ -7,6 +7,7 @@ gradients against autograd through the reference. Steps: bitwise where the arith
 IEEE on both sides, three-way where PyTorch's vectorised sqrt is not correctly rounded.
 """
 
+import importlib
 import math
 import subprocess
 import sys
@@ -18,9 +19,25 @@ import torch
 import ambient_fast
 from ambient_fast.core import solver_step as ref_step
 from ambient_fast.core.loss import LossConfig, per_sample_loss_reference, resolve_config
-from ambient_fast.kernels import cpu_ops
+from ambient_fast.kernels import _native
+from ambient_fast.kernels.ambient_loss import fused_ambient_loss
 
-pytestmark = pytest.mark.skipif(not cpu_ops.available(), reason=f"ambient_fast._C not built: {cpu_ops.load_error()}")
+pytestmark = pytest.mark.skipif(not _native.available(), reason=f"ambient_fast._C not built: {_native.LOAD_ERROR}")
+
+
+def ambient_loss_cpp(*args):
+    """The one op's C++ kernel through the eager entry point (contract of the reference)."""
+    return fused_ambient_loss(*args, kernel="cpp")
+
+
+def _step(op: str):
+    fn = getattr(importlib.import_module(f"ambient_fast.kernels.{op}_step"), f"{op}_step")
+    return lambda *args: fn(*args, kernel="cpp")
+
+
+euler_step_cpp, heun_step_cpp, churn_step_cpp, ancestral_step_cpp = (
+    _step(op) for op in ("euler", "heun", "churn", "ancestral")
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # (B, ...) shapes: single element, odd sizes, a 1000-element row, 4-D images, and rows of
@@ -82,7 +99,7 @@ def test_loss_and_grad_match_reference(shape, dtype, schedule, target, mode, wei
         return loss.detach(), p.grad
 
     levels64 = [t.double() for t in (sigma, sigma_min, sigma_max)]
-    fast, fast_grad = run(cpu_ops.ambient_loss_cpp, (pred, y_t, y_tmin), (sigma, sigma_min, sigma_max))
+    fast, fast_grad = run(ambient_loss_cpp, (pred, y_t, y_tmin), (sigma, sigma_min, sigma_max))
     lowp, lowp_grad = run(per_sample_loss_reference, (pred, y_t, y_tmin), (sigma, sigma_min, sigma_max))
     ref, ref_grad = run(per_sample_loss_reference, [t.double() for t in (pred, y_t, y_tmin)], levels64)
 
@@ -106,7 +123,7 @@ def test_masked_rows_are_never_read():
     for t in (pred, y_t, y_tmin):
         t[1:3] = float("nan")
     p = pred.clone().requires_grad_()
-    loss = cpu_ops.ambient_loss_cpp(p, y_t, y_tmin, sigma, sigma_min, torch.zeros(4), None, LossConfig())
+    loss = ambient_loss_cpp(p, y_t, y_tmin, sigma, sigma_min, torch.zeros(4), None, LossConfig())
     loss.sum().backward()
     assert torch.equal(loss[1:3], torch.zeros(2)) and torch.isfinite(loss).all()
     assert torch.equal(p.grad[1:3], torch.zeros_like(p.grad[1:3])) and torch.isfinite(p.grad).all()
@@ -131,7 +148,7 @@ def test_loss_non_contiguous_inputs(layout):
         tensors = [t[:5].transpose(2, 3) for t in base]
     sigma, sigma_min, sigma_max = _levels(5, "ve", gen)
     pred = tensors[0].clone().requires_grad_() if layout != "batch_slice" else tensors[0].requires_grad_()
-    loss = cpu_ops.ambient_loss_cpp(pred, tensors[1], tensors[2], sigma, sigma_min, sigma_max, None, LossConfig())
+    loss = ambient_loss_cpp(pred, tensors[1], tensors[2], sigma, sigma_min, sigma_max, None, LossConfig())
     loss.sum().backward()
     p_ref = tensors[0].detach().contiguous().requires_grad_()
     ref = per_sample_loss_reference(
@@ -147,27 +164,29 @@ def test_loss_routes_other_gradients_to_reference():
     pred, y_t, y_tmin = (torch.randn(6, 20) for _ in range(3))
     sigma, sigma_min, sigma_max = _levels(6, "ve", torch.Generator().manual_seed(3))
     grads = []
-    for fn in (cpu_ops.ambient_loss_cpp, per_sample_loss_reference):
-        weight = torch.rand(6).requires_grad_()
-        fn(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, LossConfig()).sum().backward()
+    for backend in ("cpp", "torch"):
+        weight = torch.rand(6, generator=torch.Generator().manual_seed(4)).requires_grad_()
+        ambient_fast.ambient_loss(
+            pred, y_t, y_tmin, sigma, sigma_min, sigma_max=sigma_max, weight=weight, reduction="sum", backend=backend
+        ).backward()
         grads.append(weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(ValueError, match="weight requires grad"):
+        ambient_loss_cpp(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, torch.rand(6).requires_grad_(), LossConfig())
 
 
 def test_fused_op_refuses_gradients_it_cannot_give():
     pred = torch.randn(2, 5, requires_grad=True)
     y_t = torch.randn(2, 5, requires_grad=True)
     ones = torch.ones(2)
-    loss, _ = torch.ops.ambient_fast.ambient_loss_fused_cpp(
-        pred, y_t, torch.randn(2, 5), ones, 0 * ones, 0 * ones, None, "ve", "x0", False, 1.1547, 0.0, True, 0.5
+    loss, _ = torch.ops.ambient_fast.ambient_loss(
+        pred, y_t, torch.randn(2, 5), ones, 0 * ones, 0 * ones, None, "ve", "x0", False, 1.1547, 0.0, True, 0.5, True, "cpp"
     )
     with pytest.raises(NotImplementedError, match="pred only"):
         loss.sum().backward()
     # Second derivatives are not provided either (create_graph=True).
     p = torch.randn(2, 5, requires_grad=True)
-    loss = cpu_ops.ambient_loss_cpp(
-        p, torch.randn(2, 5), torch.randn(2, 5), ones, 0 * ones, 0 * ones, None, LossConfig()
-    )
+    loss = ambient_loss_cpp(p, torch.randn(2, 5), torch.randn(2, 5), ones, 0 * ones, 0 * ones, None, LossConfig())
     with pytest.raises(NotImplementedError, match="create_graph"):
         torch.autograd.grad(loss.sum(), p, create_graph=True)
 
@@ -176,7 +195,7 @@ def test_loss_mixed_dtypes_compute_like_reference():
     pred = torch.randn(3, 40).to(torch.bfloat16)
     y_t, y_tmin = torch.randn(3, 40), torch.randn(3, 40, dtype=torch.float64)
     sigma, sigma_min, sigma_max = _levels(3, "ve", torch.Generator().manual_seed(5))
-    fast = cpu_ops.ambient_loss_cpp(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, None, LossConfig())
+    fast = ambient_loss_cpp(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, None, LossConfig())
     ref = per_sample_loss_reference(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, None, LossConfig())
     torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
 
@@ -185,11 +204,11 @@ def test_loss_argument_errors():
     x = torch.randn(3, 4)
     levels = (torch.ones(3), torch.zeros(3), torch.zeros(3))
     with pytest.raises(ValueError, match="shape"):
-        cpu_ops.ambient_loss_cpp(x, x[:2], x, *levels, None, LossConfig())
+        ambient_loss_cpp(x, x[:2], x, *levels, None, LossConfig())
     with pytest.raises(ValueError, match=r"sigma must have shape \(3,\)"):
-        cpu_ops.ambient_loss_cpp(x, x, x, torch.ones(2), *levels[1:], None, LossConfig())
+        ambient_loss_cpp(x, x, x, torch.ones(2), *levels[1:], None, LossConfig())
     with pytest.raises(ValueError, match="at least one element"):
-        cpu_ops.ambient_loss_cpp(torch.randn(3, 0), torch.randn(3, 0), torch.randn(3, 0), *levels, None, LossConfig())
+        ambient_loss_cpp(torch.randn(3, 0), torch.randn(3, 0), torch.randn(3, 0), *levels, None, LossConfig())
 
 
 # ---- solver steps ----------------------------------------------------------------------
@@ -209,9 +228,9 @@ def _step_inputs(shape, dtype, gen):
 def test_euler_and_heun_are_bitwise_the_reference(shape, dtype):
     gen = torch.Generator().manual_seed(11)
     x, d, d_next, sigma, sigma_next = _step_inputs(shape, dtype, gen)
-    assert torch.equal(cpu_ops.euler_step_cpp(x, d, sigma, sigma_next), ref_step.euler_step(x, d, sigma, sigma_next))
+    assert torch.equal(euler_step_cpp(x, d, sigma, sigma_next), ref_step.euler_step(x, d, sigma, sigma_next))
     d_next[::3] = float("nan")  # rows with sigma_next == 0 must not read denoised_next
-    fast = cpu_ops.heun_step_cpp(x, d, d_next, sigma, sigma_next)
+    fast = heun_step_cpp(x, d, d_next, sigma, sigma_next)
     assert torch.equal(fast, ref_step.heun_step(x, d, d_next, sigma, sigma_next))
     assert torch.isfinite(fast[::3]).all()
 
@@ -224,8 +243,8 @@ def test_churn_and_ancestral_match_reference(shape, dtype):
     x, d, noise, sigma, sigma_next = _step_inputs(shape, dtype, gen)
     wide = [t.double() for t in (x, d, noise)]
     cases = [
-        (cpu_ops.churn_step_cpp, ref_step.churn_step, (0, 2), (sigma, sigma * 1.3, 1.007)),
-        (cpu_ops.ancestral_step_cpp, ref_step.ancestral_step, (0, 1, 2), (sigma, sigma_next)),
+        (churn_step_cpp, ref_step.churn_step, (0, 2), (sigma, sigma * 1.3, 1.007)),
+        (ancestral_step_cpp, ref_step.ancestral_step, (0, 1, 2), (sigma, sigma_next)),
     ]
     for fast_fn, ref_fn, which, rest in cases:
         tensors = [(x, d, noise)[i] for i in which]
@@ -250,7 +269,7 @@ def test_16_bit_conversions_match_torch_on_every_bit_pattern(dtype):
     zeros, sigma = torch.zeros_like(every), torch.ones(64)
     # x + 0 * noise: the round trip of every pattern.
     assert_same_bits(
-        cpu_ops.churn_step_cpp(every, zeros, sigma, sigma), ref_step.churn_step(every, zeros, sigma, sigma)
+        churn_step_cpp(every, zeros, sigma, sigma), ref_step.churn_step(every, zeros, sigma, sigma)
     )
     # x + (sigma_next - sigma)(x - D)/sigma with operands over the whole range.
     gen = torch.Generator().manual_seed(37)
@@ -258,7 +277,7 @@ def test_16_bit_conversions_match_torch_on_every_bit_pattern(dtype):
     sigma = torch.exp(2 * torch.randn(64, generator=gen))
     sigma_next = sigma * 3 * torch.rand(64, generator=gen)
     assert_same_bits(
-        cpu_ops.euler_step_cpp(every, denoised, sigma, sigma_next),
+        euler_step_cpp(every, denoised, sigma, sigma_next),
         ref_step.euler_step(every, denoised, sigma, sigma_next),
     )
 
@@ -268,9 +287,9 @@ def test_steps_non_contiguous_and_mixed_dtypes():
     x = torch.randn(8, 3, 4, 4, generator=gen, dtype=torch.float64)[::2]  # batch slice, no copy
     d = torch.randn(4, 4, 4, 3, generator=gen).permute(0, 3, 1, 2)  # float32, permuted: copied
     sigma, sigma_next = torch.rand(4) + 0.5, torch.rand(4) * 0.5
-    assert torch.equal(cpu_ops.euler_step_cpp(x, d, sigma, sigma_next), ref_step.euler_step(x, d, sigma, sigma_next))
+    assert torch.equal(euler_step_cpp(x, d, sigma, sigma_next), ref_step.euler_step(x, d, sigma, sigma_next))
     assert torch.equal(
-        cpu_ops.heun_step_cpp(x, d, d, sigma, sigma_next), ref_step.heun_step(x, d, d, sigma, sigma_next)
+        heun_step_cpp(x, d, d, sigma, sigma_next), ref_step.heun_step(x, d, d, sigma, sigma_next)
     )
 
 
@@ -285,15 +304,15 @@ def test_opcheck_every_op():
     options = ("ve", "x0", False, math.sqrt(4 / 3), 0.0, True, 0.5)
     ops = torch.ops.ambient_fast
     cases = [
-        (ops.ambient_loss_cpp.default, (x, d, d_next, sigma, sigma_min, sigma_max, None, *options)),
+        (ops.ambient_loss.default, (x, d, d_next, sigma, sigma_min, sigma_max, None, *options, False, "cpp")),
         (
-            ops.ambient_loss_fused_cpp.default,
-            (x.clone().requires_grad_(), d, d_next, sigma, sigma_min, sigma_max, torch.rand(3), *options),
+            ops.ambient_loss.default,
+            (x.clone().requires_grad_(), d, d_next, sigma, sigma_min, sigma_max, torch.rand(3), *options, True, "cpp"),
         ),
-        (ops.euler_step_cpp.default, (x, d, sigma, sigma_next)),
-        (ops.heun_step_cpp.default, (x, d, d_next, sigma, sigma_next)),
-        (ops.churn_step_cpp.default, (x, d, sigma, sigma * 1.2, 1.0)),
-        (ops.ancestral_step_cpp.default, (x, d, d_next, sigma, sigma_next)),
+        (ops.euler_step.default, (x, d, sigma, sigma_next, "cpp")),
+        (ops.heun_step.default, (x, d, d_next, sigma, sigma_next, "cpp")),
+        (ops.churn_step.default, (x, d, sigma, sigma * 1.2, 1.0, "cpp")),
+        (ops.ancestral_step.default, (x, d, d_next, sigma, sigma_next, "cpp")),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
@@ -301,7 +320,7 @@ def test_opcheck_every_op():
 
 def test_steps_are_not_differentiable():
     x = torch.randn(2, 3, requires_grad=True)
-    out = cpu_ops.euler_step_cpp(x, torch.randn(2, 3), torch.ones(2), torch.full((2,), 0.5))
+    out = euler_step_cpp(x, torch.randn(2, 3), torch.ones(2), torch.full((2,), 0.5))
     with pytest.raises(RuntimeError, match="no autograd formula"):
         out.sum().backward()
 
@@ -313,7 +332,7 @@ def test_loss_compiles_fullgraph():
     cfg = LossConfig()
 
     def step(p):
-        return (cpu_ops.ambient_loss_cpp(p, y_t, y_tmin, sigma, sigma_min, sigma_max, None, cfg) * 2).mean()
+        return (ambient_loss_cpp(p, y_t, y_tmin, sigma, sigma_min, sigma_max, None, cfg) * 2).mean()
 
     compiled = torch.compile(step, fullgraph=True)
     p_eager, p_compiled = pred.clone().requires_grad_(), pred.clone().requires_grad_()
@@ -363,13 +382,13 @@ def _gaussian_denoiser(mu: float, var: float):
     return denoise
 
 
-@pytest.mark.parametrize("method", ["euler", "heun", "stochastic", "sde"])
+@pytest.mark.parametrize("method", ["euler", "heun", "churn", "sde"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_public_sample_cpp_vs_torch(method, dtype):
     noise = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(31), dtype=dtype)
     sigmas = ambient_fast.karras_sigmas(12, 0.002, 20.0)
     seeds = torch.arange(6)
-    kwargs = dict(method=method, seeds=seeds, S_churn=10.0 if method == "stochastic" else 0.0)
+    kwargs = dict(method=method, seeds=seeds, S_churn=10.0 if method == "churn" else 0.0)
     fast = ambient_fast.sample(_gaussian_denoiser(0.3, 0.25), noise, sigmas, backend="cpp", **kwargs)
     ref = ambient_fast.sample(_gaussian_denoiser(0.3, 0.25), noise, sigmas, backend="torch", **kwargs)
     if method in ("euler", "heun"):
@@ -392,9 +411,9 @@ class Block(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, Block())
 import torch, ambient_fast
-from ambient_fast.kernels import cpu_ops
+from ambient_fast.kernels import _native
 from ambient_fast.data.sampler import draw_noise_first
-assert not cpu_ops.available() and "blocked" in cpu_ops.load_error()
+assert not _native.available() and "blocked" in _native.LOAD_ERROR
 x = torch.randn(2, 3)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")

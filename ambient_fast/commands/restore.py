@@ -15,7 +15,7 @@ examples:
   ambient-fast restore --model runs/00003-train-cifar/denoiser.safetensors \\
       --src data/cifar-blur --dst data/cifar-blur-restored-1
   ambient-fast restore --model ckpt.safetensors --src data/digits-blur --dst out/r1 \\
-      --method stochastic --num-steps 64 --sigma-out 0.1
+      --method sde --num-steps 64 --sigma-out 0.1
   ambient-fast restore --model ckpt.safetensors --src data/x --dst out/x1 --dry-run
   torchrun --nproc-per-node 8 -m ambient_fast.cli restore --model ckpt.safetensors \\
       --src data/cifar-blur --dst data/cifar-restored --batch-size 1024 --precision bf16
@@ -102,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--method",
         choices=METHODS,
         default="heun",
-        help="heun: deterministic (anchor); stochastic: posterior sampling (reverse SDE) (default: %(default)s)",
+        help="heun: deterministic (anchor); sde: posterior sampling (reverse SDE; 'stochastic' is its deprecated "
+        "alias) (default: %(default)s)",
     )
     s.add_argument(
         "--seed", type=_seed, default=0, help="run seed; sample i's noise comes from (seed, i) (default: %(default)s)"

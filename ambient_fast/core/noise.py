@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .validation import check_sigma_pair
+from .validation import active, check_finite, check_sigma_pair, check_tensor, first_bad_index
 
 __all__ = [
     "sample_normal",
@@ -120,12 +120,13 @@ def noisy_pair(
     so ``y_t`` has exactly the VP marginal at ``s`` given ``y0``.
 
     Args:
-        y0: ``(B, ...)`` dataset samples (clean or corrupt).
+        y0: ``(B, ...)`` dataset samples (clean or corrupt), finite, ``B >= 1``.
         sigma: ``(B,)`` training level ``s``; must satisfy ``s >= sm`` for each sample
-            (pass ``sigma_min * eligible`` to train ineligible rows at the clean level).
+            (pass ``sigma_min * eligible`` to train ineligible rows at the clean level;
+            ``s < sm`` is a ValueError, as the pair would silently be ``y_t == y_tmin``).
         sigma_min: ``(B,)`` per-sample nature-noise level ``sm`` (0 = clean).
         schedule: ``"ve"`` or ``"vp"``.
-        sample_ids: ``(B,)`` ints. When given, ``n`` is the fixed realisation of each sample
+        sample_ids: ``(B,)`` ints (exactly one per sample). When given, ``n`` is the fixed realisation of each sample
             (same id -> same noise, every epoch, any batch); otherwise ``n`` is fresh.
         noise_seed: run-level seed mixed into the fixed noise.
         generator: for the fresh noise (``eta``, and ``n`` without ids).
@@ -134,16 +135,33 @@ def noisy_pair(
             does not depend on which rank holds it.
         stored: the dataset stores samples already noisy at ``sm`` (``y_tmin = y0``, no
             nature noise added), as the anchors' ``/npy`` datasets do.
-        validate: check the levels (host sync); training loops that validated their data
-            at load time pass False.
+        validate: check ``y0`` and the levels (host syncs); training loops that validated
+            their data at load time pass False. Types and shapes are checked always.
 
     Returns:
         ``(y_t, y_tmin)``, each shaped and typed like ``y0``.
     """
     if schedule not in ("ve", "vp"):
         raise ValueError(f"schedule must be 've' or 'vp', got {schedule!r}")
-    if validate:
+    check_tensor("y0", y0)
+    if y0.dim() < 1 or y0.shape[0] < 1:
+        raise ValueError(f"y0: expected a batch (B, ...) with B >= 1, got {tuple(y0.shape)}")
+    batch = y0.shape[0]
+    for name, ids in (("sample_ids", sample_ids), ("eta_seeds", eta_seeds)):
+        if ids is not None:
+            check_tensor(name, ids, f"of shape ({batch},)")
+            if ids.shape != (batch,):
+                raise ValueError(f"{name}: expected one id per sample, shape ({batch},), got {tuple(ids.shape)}")
+    if active(validate):
         check_sigma_pair(sigma, sigma_min, y0, schedule)
+        bad = first_bad_index(sigma < sigma_min)
+        if bad >= 0:
+            raise ValueError(
+                f"sigma: must be >= sigma_min (the pair adds noise from sigma_min up to sigma); sample {bad} has "
+                f"sigma={float(sigma[bad]):.6g} < sigma_min={float(sigma_min[bad]):.6g}. Form the pair of a row that "
+                "does not train at sigma_min = 0 (e.g. sigma_min * eligible(sigma, sigma_min))"
+            )
+        check_finite("y0", y0)
     view = (-1,) + (1,) * (y0.dim() - 1)
     s = sigma.to(torch.float32 if y0.dtype != torch.float64 else torch.float64).reshape(view)
     sm = sigma_min.to(s.dtype).reshape(view)

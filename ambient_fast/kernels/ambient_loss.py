@@ -80,6 +80,7 @@ __all__ = [
     "ambient_loss_bwd",
     "ambient_loss_cpp_fwd",
     "ambient_loss_fwd",
+    "check_operands",
     "fused_ambient_loss",
     "raise_for_flags",
 ]
@@ -526,6 +527,38 @@ def ambient_loss_cpp_fwd(
     )
 
 
+def check_operands(
+    pred: torch.Tensor,
+    y_t: torch.Tensor,
+    y_tmin: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_min: torch.Tensor,
+    sigma_max: torch.Tensor,
+    weight: torch.Tensor | None,
+) -> None:
+    """Shapes and devices the kernels rely on (no sync): one ``(B, N >= 1)`` shape, ``(B,)`` levels."""
+    if pred.dim() < 1:
+        raise ValueError("ambient loss: pred must be batched (B, ...), got a 0-d tensor")
+    for name, t in (("y_t", y_t), ("y_tmin", y_tmin)):
+        if t.shape != pred.shape:
+            raise ValueError(f"ambient loss: {name} shape {tuple(t.shape)} differs from pred's {tuple(pred.shape)}")
+        if t.device != pred.device:
+            raise ValueError(f"ambient loss: {name} is on {t.device}, pred on {pred.device}")
+    batch = pred.shape[0]
+    if batch and pred.numel() == 0:
+        raise ValueError(
+            f"ambient loss: samples of shape {tuple(pred.shape[1:])} have no elements to average "
+            "(each sample needs at least one element)"
+        )
+    for name, t in (("sigma", sigma), ("sigma_min", sigma_min), ("sigma_max", sigma_max), ("weight", weight)):
+        if t is None:
+            continue
+        if t.shape != (batch,):
+            raise ValueError(f"ambient loss: {name} must have shape ({batch},), got {tuple(t.shape)}")
+        if t.device != pred.device or not t.is_floating_point():
+            raise ValueError(f"ambient loss: {name} must be a floating tensor on {pred.device}, got {t.dtype} on {t.device}")
+
+
 def _forward(
     pred: torch.Tensor,
     y_t: torch.Tensor,
@@ -594,6 +627,7 @@ def _ambient_loss_op(
     ``kernel``: ``"triton"`` (CUDA, or CPU tensors under TRITON_INTERPRET=1) or ``"cpp"`` (CPU).
     """
     check_kernel(kernel, pred.device)
+    check_operands(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight)
     cfg = LossConfig(
         schedule=schedule,  # type: ignore[arg-type]
         target=target,  # type: ignore[arg-type]
@@ -690,6 +724,11 @@ class _FusedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, upstream):
+        if torch.is_grad_enabled():
+            raise NotImplementedError(
+                "the fused ambient loss gives first derivatives only; use ambient_loss(..., backend='torch') "
+                "for create_graph=True"
+            )
         if not ctx.needs_input_grad[0]:
             return (None,) * 12
         (grad,) = ctx.saved_tensors
@@ -740,6 +779,7 @@ def fused_ambient_loss(
                     f"the fused ambient loss differentiates pred only, but {name} requires grad; "
                     "detach it or use backend='torch'"
                 )
+    check_operands(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight)
     need_grad = grad_enabled and pred.requires_grad
     if torch.compiler.is_compiling():
         loss, _ = _ambient_loss_op(

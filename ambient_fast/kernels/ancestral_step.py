@@ -15,7 +15,7 @@
 # contiguous output. Inputs in other layouts are copied once. ``kernel="triton"`` also runs
 # on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 # In eager the public function calls the kernels directly (no dispatcher); under
-# torch.compile it calls the op, which stays opaque.
+# torch.compile (and for inputs that require grad) it calls the op, which stays opaque.
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def ancestral_step(
     Returns:
         ``(B, ...)`` ``D + r^2 (x - D) + sigma_next sqrt(1 - r^2) noise`` in ``x``'s dtype.
     """
-    if torch.compiler.is_compiling():
-        return _ancestral_step_op(x, denoised, noise, sigma, sigma_next, kernel)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or denoised.requires_grad or noise.requires_grad)):
+        return _ancestral_step_op(x, denoised, noise, sigma, sigma_next, kernel)  # the op: opaque to torch.compile, no autograd formula
     check_kernel(kernel, x.device)
     return _run(x, denoised, noise, sigma, sigma_next, kernel)

@@ -17,7 +17,7 @@
 # contiguous output. Inputs in other layouts are copied once. ``kernel="triton"`` also runs
 # on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1), which is how CI tests it.
 # In eager the public function calls the kernels directly (no dispatcher); under
-# torch.compile it calls the op, which stays opaque.
+# torch.compile (and for inputs that require grad) it calls the op, which stays opaque.
 
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def churn_step(
     Returns:
         ``(B, ...)`` ``x + sqrt(sigma_hat^2 - sigma^2) S_noise noise`` in ``x``'s dtype.
     """
-    if torch.compiler.is_compiling():
-        return _churn_step_op(x, noise, sigma, sigma_hat, float(S_noise), kernel)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or noise.requires_grad)):
+        return _churn_step_op(x, noise, sigma, sigma_hat, float(S_noise), kernel)  # the op: opaque to torch.compile, no autograd formula
     check_kernel(kernel, x.device)
     return _run(x, noise, sigma, sigma_hat, S_noise, kernel)

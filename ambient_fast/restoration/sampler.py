@@ -46,6 +46,7 @@ import torch
 
 from ..core.noise import STREAM_NATURE, STREAM_RESTORE, STREAM_STEP, derive_seeds, sample_normal
 from ..kernels.dispatch import REFERENCE, Backend, step_backend
+from ..samplers.methods import RESTORE_ALIASES, RESTORE_METHODS, resolve_method
 from ..samplers.restore import RESTORE_SIGMA_FLOOR, restoration_grid
 
 __all__ = [
@@ -61,10 +62,10 @@ __all__ = [
     "fill_host_batch",
 ]
 
-Method = Literal["heun", "euler", "stochastic"]
+Method = Literal["heun", "euler", "sde", "stochastic"]  # "stochastic": deprecated alias of "sde"
 StartNoise = Literal["fresh", "training", "none"]
 CompileMode = Literal["none", "default", "max-autotune-no-cudagraphs", "reduce-overhead"]
-METHODS: tuple[str, ...] = ("heun", "euler", "stochastic")
+METHODS: tuple[str, ...] = (*RESTORE_METHODS, *RESTORE_ALIASES)  # accepted names (aliases warn)
 START_NOISE: tuple[str, ...] = ("fresh", "training", "none")
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
@@ -108,7 +109,7 @@ class SamplerConfig:
     """Everything that fixes the captured loop (see the module docstring)."""
 
     num_steps: int = 18  # grid points before the final level (anchor: 18 -> NFE 35 with Heun)
-    method: Method = "heun"  # heun | euler | stochastic (ancestral reverse SDE, SPEC 5)
+    method: Method = "heun"  # heun | euler | sde (ancestral reverse SDE, SPEC 5)
     final_to_zero: bool = True  # sigma_out == 0: last step integrates to the data
     start_noise: StartNoise = "fresh"  # fresh per-sample noise | the training's frozen noise | none (stored noisy)
     state_dtype: torch.dtype = torch.float32  # sampler state (anchors: float64)
@@ -120,8 +121,9 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {self.num_steps!r}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        object.__setattr__(
+            self, "method", resolve_method(self.method, RESTORE_METHODS, RESTORE_ALIASES, "SamplerConfig")
+        )
         if self.start_noise not in START_NOISE:
             raise ValueError(f"start_noise must be one of {START_NOISE}, got {self.start_noise!r}")
         if self.compile not in COMPILE_MODES:
@@ -283,7 +285,7 @@ class RestorationSampler:
                 torch.compile(fn, mode=mode, fullgraph=True, dynamic=False) for fn in (heun, euler, ancestral)
             )
         k = cfg.num_steps
-        if cfg.method == "stochastic":
+        if cfg.method == "sde":
             return [ancestral] * k
         if cfg.method == "euler":
             return [euler] * k
@@ -322,7 +324,7 @@ class RestorationSampler:
             if mark_step:
                 torch.compiler.cudagraph_mark_step_begin()
             t_cur, t_next = self.table[i], self.table[i + 1]
-            if cfg.method == "stochastic":
+            if cfg.method == "sde":
                 noise = sample_normal(self.seeds, self.sample_shape, stream=STREAM_STEP + i, dtype=cfg.state_dtype)
                 x = step(x, t_cur, t_next, noise)
             else:

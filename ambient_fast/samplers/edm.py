@@ -16,13 +16,14 @@ import torch
 
 from ..core.noise import STREAM_STEP, sample_normal
 from ..core.schedules import churn_gamma
-from ..core.validation import active, check_finite
+from ..core.validation import active, check_finite, check_tensor
 from ..kernels.dispatch import step_backend
+from .methods import SAMPLE_ALIASES, SAMPLE_METHODS, resolve_method
 
 __all__ = ["sample", "Denoiser", "METHODS"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-METHODS = ("euler", "heun", "stochastic", "sde")
+METHODS = SAMPLE_METHODS
 
 
 def _sigma_table(sigmas: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
@@ -56,7 +57,7 @@ def sample(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    method: Literal["euler", "heun", "stochastic", "sde"] = "heun",
+    method: Literal["euler", "heun", "churn", "sde"] = "heun",
     S_churn: float = 0.0,
     S_tmin: float = 0.0,
     S_tmax: float = math.inf,
@@ -70,31 +71,51 @@ def sample(
 
     Args:
         denoiser: ``D(x, sigma) -> x0 estimate`` with ``x`` ``(B, ...)`` and ``sigma`` ``(B,)``.
-        noise: standard normal ``(B, ...)``; the start is ``noise * sigmas[:, 0]``
-            (EDM's ``latents * t_0``). Its dtype is the state dtype (float64 = EDM's).
+        noise: standard normal ``(B, ...)``, finite; the start is ``noise * sigmas[:, 0]``
+            (EDM's ``latents * t_0``). Its dtype is the state dtype (float64 = EDM's). An empty
+            batch (``B = 0``) returns an empty state.
         sigmas: ``(K+1,)`` or ``(B, K+1)`` non-increasing levels, e.g. from
             :func:`~ambient_fast.karras_sigmas` (last entry 0 integrates to the data).
-        method: ``"euler"``, ``"heun"`` (EDM Alg. 1), ``"stochastic"`` (EDM Alg. 2: churn +
+        method: ``"euler"``, ``"heun"`` (EDM Alg. 1), ``"churn"`` (EDM Alg. 2: churn +
             Heun), or ``"sde"`` (ancestral reverse-SDE steps; samples the posterior).
-        S_churn, S_tmin, S_tmax, S_noise: EDM churn settings (``"stochastic"`` only).
+            ``"stochastic"`` is a deprecated alias of ``"churn"`` (it warns).
+        S_churn, S_tmin, S_tmax, S_noise: EDM churn settings (``"churn"`` only).
         generator: for the stochastic noise when ``seeds`` is None.
         seeds: int ``(B,)``: per-sample step noise (independent of batch composition).
-        start: ``(B, ...)`` explicit start state instead of ``noise * sigmas[:, 0]``.
+        start: ``(B, ...)`` explicit start state instead of ``noise * sigmas[:, 0]`` (finite,
+            ``noise``'s shape).
         backend: fused-step backend (``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"``).
 
     Returns:
         ``(B, ...)`` final state, dtype of ``noise``.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    method = resolve_method(method, SAMPLE_METHODS, SAMPLE_ALIASES, "sample")
+    check_tensor("noise", noise)
+    check_tensor("sigmas", sigmas, "(K+1,) or (B, K+1)")
+    if noise.dim() < 1:
+        raise ValueError(f"noise: expected a batch (B, ...), got a 0-d tensor")
+    if start is not None:
+        check_tensor("start", start)
+        if start.shape != noise.shape:
+            raise ValueError(f"start: shape {tuple(start.shape)} differs from noise's {tuple(noise.shape)}")
+    if seeds is not None:
+        check_tensor("seeds", seeds, f"of shape ({noise.shape[0]},)")
+        if seeds.shape != (noise.shape[0],) or seeds.is_floating_point():
+            raise ValueError(f"seeds: expected integers of shape ({noise.shape[0]},), got {seeds.dtype} {tuple(seeds.shape)}")
     batch = noise.shape[0]
+    if batch == 0:
+        return (start if start is not None else noise).clone()
+    if active():
+        check_finite("noise", noise)
+        if start is not None:
+            check_finite("start", start)
     table = _sigma_table(sigmas, batch, noise.device)
     num_steps = table.shape[1] - 1
     host = table.cpu()
     ops = step_backend(backend, noise.device)
     view = (-1,) + (1,) * (noise.dim() - 1)
     x = start.to(noise.dtype) if start is not None else noise * table[:, 0].to(noise.dtype).view(view)
-    gamma = churn_gamma(num_steps, S_churn) if method == "stochastic" else 0.0
+    gamma = churn_gamma(num_steps, S_churn) if method == "churn" else 0.0
     for i in range(num_steps):
         t_cur, t_next = table[:, i], table[:, i + 1]
         if not bool((host[:, i] > host[:, i + 1]).any()):

@@ -14,8 +14,9 @@ import torch
 
 from ..core.noise import STREAM_RESTORE, sample_normal
 from ..core.schedules import karras_sigmas
-from ..core.validation import active, check_finite, check_per_sample, first_bad_index
+from ..core.validation import active, check_finite, check_per_sample, check_tensor, first_bad_index
 from .edm import Denoiser, sample
+from .methods import RESTORE_ALIASES, RESTORE_METHODS, resolve_method
 
 __all__ = ["restore", "restoration_grid", "RESTORE_SIGMA_FLOOR"]
 
@@ -52,7 +53,7 @@ def restore(
     sigma_out: torch.Tensor | float = 0.0,
     *,
     num_steps: int = 18,
-    method: Literal["heun", "euler", "stochastic"] = "heun",
+    method: Literal["heun", "euler", "sde"] = "heun",
     seeds: torch.Tensor,
     start_noise: torch.Tensor | None = None,
     rho: float = 7.0,
@@ -64,18 +65,19 @@ def restore(
 
     Args:
         denoiser: EDM denoiser ``D(x, sigma) -> x0 estimate``, per-sample ``sigma (B,)``.
-        y0: ``(B, ...)`` dataset samples (data units).
+        y0: ``(B, ...)`` dataset samples (data units), finite. An empty batch returns a copy.
         sigma_min: ``(B,)`` per-sample level at which each sample is trusted (0 = clean).
         sigma_out: ``(B,)`` or scalar stop level, ``0 <= sigma_out <= sigma_min``
             (0 = integrate to the data, as the anchors do).
         num_steps: grid points per sample before the final 0 (anchor: 18, NFE 35 with Heun).
         method: ``"heun"`` (deterministic, anchor default; transports the noisy marginal to
-            the data), ``"euler"``, or ``"stochastic"`` (ancestral reverse SDE: a true sample of
-            ``p(x0 | x_sigma_min)``; use many steps).
+            the data), ``"euler"``, or ``"sde"`` (ancestral reverse SDE: a true sample of
+            ``p(x0 | x_sigma_min)``; use many steps). ``"stochastic"`` is a deprecated alias of
+            ``"sde"`` (it warns).
         seeds: int ``(B,)`` per-sample seeds (start noise and step noise); a sample's output
             does not depend on the batch or rank it lands in.
-        start_noise: ``(B, ...)`` standard normal to use instead of the seeded fresh noise
-            (e.g. the training's frozen noise, SPEC 5 option).
+        start_noise: ``(B, ...)`` standard normal (finite, ``y0``'s shape) to use instead of the
+            seeded fresh noise (e.g. the training's frozen noise, SPEC 5 option).
         rho, sigma_floor: grid shape (EDM rho, lowest positive level).
         state_dtype: sampler state dtype (float64 as the anchors; float32 is faster).
         backend: fused-step backend.
@@ -83,7 +85,19 @@ def restore(
     Returns:
         ``(B, ...)`` restored samples, dtype of ``y0``; rows with ``sigma_min == 0`` are ``y0``.
     """
+    method = resolve_method(method, RESTORE_METHODS, RESTORE_ALIASES, "restore")
+    check_tensor("y0", y0)
+    check_tensor("sigma_min", sigma_min, "of shape (B,)")
+    check_tensor("seeds", seeds, "of shape (B,)")
+    if y0.dim() < 1:
+        raise ValueError("y0: expected a batch (B, ...), got a 0-d tensor")
     batch = y0.shape[0]
+    if start_noise is not None:
+        check_tensor("start_noise", start_noise)
+        if start_noise.shape != y0.shape:
+            raise ValueError(f"start_noise: shape {tuple(start_noise.shape)} differs from y0's {tuple(y0.shape)}")
+    if batch == 0:
+        return y0.clone()
     sigma_out = torch.as_tensor(sigma_out, dtype=sigma_min.dtype, device=sigma_min.device)
     if sigma_out.dim() == 0:
         sigma_out = sigma_out.expand(batch)
@@ -104,8 +118,8 @@ def restore(
                 )
         if seeds.shape != (batch,) or seeds.is_floating_point():
             raise ValueError(f"seeds: expected an integer tensor ({batch},), got {seeds.dtype} {tuple(seeds.shape)}")
-    if method not in ("heun", "euler", "stochastic"):
-        raise ValueError(f"method must be 'heun', 'euler' or 'stochastic', got {method!r}")
+        if start_noise is not None:
+            check_finite("start_noise", start_noise)
     noisy = torch.nonzero(sigma_min > 0).flatten()
     out = y0.clone()
     if noisy.numel() == 0:
@@ -123,7 +137,7 @@ def restore(
         denoiser,
         eps,
         grid,
-        method="sde" if method == "stochastic" else method,
+        method=method,
         seeds=sub_seeds,
         start=start,
         backend=backend,
