@@ -109,9 +109,7 @@ def ambient_loss(
     batch, device = pred.shape[0], pred.device
     check_per_sample_layout("sigma", sigma, batch, device)
     check_per_sample_layout("sigma_min", sigma_min, batch, device)
-    if sigma_max is None:
-        sigma_max = torch.zeros(batch, dtype=sigma.dtype, device=device)
-    else:
+    if sigma_max is not None:
         check_per_sample_layout("sigma_max", sigma_max, batch, device)
     tensor_weight = weight if isinstance(weight, torch.Tensor) else None
     if tensor_weight is not None:
@@ -124,6 +122,8 @@ def ambient_loss(
             kernel=kernel, check=checks, reduction=reduction,
         )
     # Reference backend (also for gradients with respect to inputs other than pred).
+    if sigma_max is None:
+        sigma_max = torch.zeros(batch, dtype=sigma.dtype, device=device)
     if checks:
         check_sigma_pair(sigma, sigma_min, pred, schedule, sigma_max)
         for name, t in (("pred", pred), ("y_t", y_t), ("y_tmin", y_tmin)):

@@ -190,14 +190,13 @@ LossCheck run_loss(const LossArgs& a) {
   using C = compute_t<T>;
   const std::int64_t batch = a.batch, numel = a.numel;
   const bool with_grad = a.grad.data != 0;
-  const bool check = a.flags != 0;
+  const bool check = a.check;
   std::vector<LossRow<C>> rows(static_cast<std::size_t>(batch));
-  const auto* sigma = reinterpret_cast<const double*>(a.sigma);
-  const auto* sigma_min = reinterpret_cast<const double*>(a.sigma_min);
-  const auto* sigma_max = reinterpret_cast<const double*>(a.sigma_max);
-  const auto* weight = reinterpret_cast<const double*>(a.weight);
+  const bool has_weight = a.weight.data != 0;
   for (std::int64_t i = 0; i < batch; ++i) {
-    rows[i] = loss_row<C>(sigma[i], sigma_min[i], sigma_max[i], weight ? weight + i : nullptr, a.options, check);
+    const double w = has_weight ? level_at(a.weight, i) : 0.0;
+    rows[i] = loss_row<C>(level_at(a.sigma, i), level_at(a.sigma_min, i), level_at(a.sigma_max, i),
+                          has_weight ? &w : nullptr, a.options, check);
   }
   const std::int64_t per_row = chunks_per_row(numel);
   std::vector<double> partial(static_cast<std::size_t>(batch * per_row), 0.0);
@@ -240,7 +239,7 @@ LossCheck run_loss(const LossArgs& a) {
     std::int32_t bits = rows[i].flags;
     for (std::int64_t t = 0; t < per_row; ++t) bits |= chunk_flags[i * per_row + t];
     if (!std::isfinite(loss[i])) bits |= kLossOverflow;
-    flags[i] = bits;
+    if (flags != nullptr) flags[i] = bits;
     if (bits > result.max_flag) result.max_flag = bits;
     if (bits >= 2 && result.first_bad < 0) result.first_bad = i;
   }
@@ -252,7 +251,7 @@ LossCheck run_loss(const LossArgs& a) {
 LossCheck ambient_loss(const LossArgs& a) {
   AF_CHECK(a.batch >= 0, "ambient_loss: batch must be >= 0, got ", a.batch);
   AF_CHECK(a.numel >= 1, "ambient_loss: each sample needs at least one element, got ", a.numel);
-  AF_CHECK(a.batch == 0 || (a.loss != 0 && a.sigma != 0 && a.sigma_min != 0 && a.sigma_max != 0),
+  AF_CHECK(a.batch == 0 || (a.loss != 0 && a.sigma.data != 0 && a.sigma_min.data != 0),
            "ambient_loss: null loss or level pointer");
   AF_CHECK(a.grad_count >= 1, "ambient_loss: grad_count must be >= 1, got ", a.grad_count);
   check_rows("pred", a.pred, a.batch);

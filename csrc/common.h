@@ -173,6 +173,20 @@ AF_INLINE T* mutable_row_ptr(const Rows& r, std::int64_t i) {
   return reinterpret_cast<T*>(r.data) + i * r.row_stride;
 }
 
+// Per-sample levels (B,): float32 or float64 with any element stride (a column of a (B, K+1)
+// table, a stride-0 expansion); data 0 reads as all zeros (e.g. no sigma_max).
+struct Levels {
+  std::uintptr_t data;
+  std::int64_t stride;
+  bool f64;
+};
+
+AF_INLINE double level_at(const Levels& l, std::int64_t i) {
+  if (l.data == 0) return 0.0;
+  return l.f64 ? reinterpret_cast<const double*>(l.data)[i * l.stride]
+               : static_cast<double>(reinterpret_cast<const float*>(l.data)[i * l.stride]);
+}
+
 inline void check_rows(const char* name, const Rows& r, std::int64_t batch) {
   AF_CHECK(batch == 0 || r.data != 0, name, ": null data pointer");
   AF_CHECK(r.row_stride >= 0, name, ": row stride must be >= 0, got ", r.row_stride);

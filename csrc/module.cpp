@@ -1,6 +1,6 @@
 // Python bindings of ambient_fast._C: plain pybind11, no torch headers (ARCHITECTURE.md).
 // Tensor operands are passed as (data pointer, row stride in elements) pairs and level
-// vectors as data pointers to contiguous float64; ambient_fast/kernels/_native.py (with the op files) is the
+// vectors as (data pointer, element stride, is float64) triples; ambient_fast/kernels/_native.py (with the op files) is the
 // only caller and owns validation and lifetimes. The sampler tables are numpy arrays.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "ops.h"
@@ -18,19 +19,22 @@ using namespace ambient_fast;
 namespace {
 
 using RowsArg = std::pair<std::uintptr_t, std::int64_t>;
+using LevelsArg = std::tuple<std::uintptr_t, std::int64_t, bool>;  // (pointer, stride, is float64)
 using F64Array = py::array_t<double, py::array::c_style>;
 using I64Array = py::array_t<std::int64_t, py::array::c_style>;
 
 Rows rows(const RowsArg& r) { return Rows{r.first, r.second}; }
+Levels levels(const LevelsArg& l) { return Levels{std::get<0>(l), std::get<1>(l), std::get<2>(l)}; }
+Levels optional_levels(const std::optional<LevelsArg>& l) { return l ? levels(*l) : Levels{0, 0, false}; }
 
 void check_choice(const std::string& name, const std::string& value, const char* a, const char* b) {
   AF_CHECK(value == a || value == b, name, " must be '", a, "' or '", b, "', got '", value, "'");
 }
 
 void run_step(StepOp op, const std::string& dtype, std::int64_t batch, std::int64_t numel, const RowsArg& out,
-              const RowsArg& x, const RowsArg& a, const RowsArg& b, std::uintptr_t sigma,
-              std::uintptr_t sigma_next, double s_noise) {
-  StepArgs args{parse_dtype(dtype), batch, numel, rows(out), rows(x), rows(a), rows(b), sigma, sigma_next, s_noise};
+              const RowsArg& x, const RowsArg& a, const RowsArg& b, const LevelsArg& sigma,
+              const LevelsArg& sigma_next, double s_noise) {
+  StepArgs args{parse_dtype(dtype), batch, numel, rows(out), rows(x), rows(a), rows(b), levels(sigma), levels(sigma_next), s_noise};
   py::gil_scoped_release release;
   solver_step(op, args);
 }
@@ -70,13 +74,15 @@ PYBIND11_MODULE(_C, m) {
       "ambient_loss",
       [](const std::string& dtype, std::int64_t batch, std::int64_t numel, std::uintptr_t loss,
          std::optional<RowsArg> grad, const RowsArg& pred, const RowsArg& y_t, const RowsArg& y_tmin,
-         std::uintptr_t sigma, std::uintptr_t sigma_min, std::uintptr_t sigma_max, std::uintptr_t weight,
-         std::uintptr_t flags, std::int64_t grad_count, const std::string& schedule, const std::string& target,
+         const LevelsArg& sigma, const LevelsArg& sigma_min, const std::optional<LevelsArg>& sigma_max,
+         const std::optional<LevelsArg>& weight, bool check, std::uintptr_t flags, std::int64_t grad_count,
+         const std::string& schedule, const std::string& target,
          bool contraction, double elig_scale, double elig_shift, bool edm_weight, double sigma_data) {
         check_choice("schedule", schedule, "ve", "vp");
         check_choice("target", target, "x0", "eps");
         LossArgs args{parse_dtype(dtype), batch, numel, loss, grad ? rows(*grad) : Rows{0, 0},
-                      rows(pred), rows(y_t), rows(y_tmin), sigma, sigma_min, sigma_max, weight, flags, grad_count,
+                      rows(pred), rows(y_t), rows(y_tmin), levels(sigma), levels(sigma_min),
+                      optional_levels(sigma_max), optional_levels(weight), check, flags, grad_count,
                       LossOptions{schedule == "vp", target == "eps", contraction, elig_scale, elig_shift,
                                   edm_weight, sigma_data}};
         LossCheck result;
@@ -88,23 +94,24 @@ PYBIND11_MODULE(_C, m) {
       },
       py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("loss"), py::arg("grad"),
       py::arg("pred"), py::arg("y_t"), py::arg("y_tmin"), py::arg("sigma"), py::arg("sigma_min"),
-      py::arg("sigma_max"), py::arg("weight"), py::arg("flags"), py::arg("grad_count"), py::arg("schedule"), py::arg("target"), py::arg("contraction"),
+      py::arg("sigma_max"), py::arg("weight"), py::arg("check"), py::arg("flags"), py::arg("grad_count"), py::arg("schedule"), py::arg("target"), py::arg("contraction"),
       py::arg("elig_scale"), py::arg("elig_shift"), py::arg("edm_weight"), py::arg("sigma_data"),
       R"doc(Fused per-sample ambient loss (SPEC 2), optionally with its gradient in the same pass.
 
 Writes loss (B,) float32 (float64 for float64 storage) = m_i w_i mean_j r_ij^2 with
 r = pred + b_i y_t + c_i y_tmin, and, when grad is not None, grad (B, N) in the storage
 dtype = d sum_i loss_i / d pred / grad_count. Rows (pointer, row stride in elements) have N
-contiguous elements each; sigma, sigma_min, sigma_max, weight point to (B,) float64 (weight 0:
-none). flags: 0 (no checks), or a (B,) int32 buffer that receives each row's check bits
-(LossFlag in ops.h: 1 = trains, larger bits = errors). Returns (max flag, first row with an
-error bit or -1). dtype: 'float32' | 'float64' | 'float16' | 'bfloat16'.
+contiguous elements each; sigma, sigma_min, sigma_max, weight are (pointer, element stride,
+is_float64) triples of (B,) float32/float64 levels (sigma_max None: zeros; weight None: no
+weight tensor). check: compute each row's check bits (LossFlag in ops.h: 1 = trains, larger
+bits = errors), written to flags when it is a (B,) int32 buffer (0: none). Returns (max flag,
+first row with an error bit or -1); (0, -1) without check. dtype: 'float32' | 'float64' | 'float16' | 'bfloat16'.
 Contract: per_sample_loss_reference.)doc");
 
   m.def(
       "euler_step",
       [](const std::string& dtype, std::int64_t batch, std::int64_t numel, const RowsArg& out, const RowsArg& x,
-         const RowsArg& denoised, std::uintptr_t sigma, std::uintptr_t sigma_next) {
+         const RowsArg& denoised, const LevelsArg& sigma, const LevelsArg& sigma_next) {
         run_step(StepOp::euler, dtype, batch, numel, out, x, denoised, RowsArg{0, 0}, sigma, sigma_next, 1.0);
       },
       py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
@@ -112,12 +119,12 @@ Contract: per_sample_loss_reference.)doc");
       R"doc(out = x + (sigma_next - sigma) (x - denoised) / sigma (SPEC 4), one pass.
 
 Operands are (pointer, row stride) pairs of (B, N) rows of one storage dtype; sigma and
-sigma_next point to (B,) float64. Contract: core.solver_step.euler_step.)doc");
+sigma_next are (pointer, element stride, is_float64) triples of (B,) float32/float64 levels. Contract: core.solver_step.euler_step.)doc");
 
   m.def(
       "heun_step",
       [](const std::string& dtype, std::int64_t batch, std::int64_t numel, const RowsArg& out, const RowsArg& x,
-         const RowsArg& denoised, const RowsArg& denoised_next, std::uintptr_t sigma, std::uintptr_t sigma_next) {
+         const RowsArg& denoised, const RowsArg& denoised_next, const LevelsArg& sigma, const LevelsArg& sigma_next) {
         run_step(StepOp::heun, dtype, batch, numel, out, x, denoised, denoised_next, sigma, sigma_next, 1.0);
       },
       py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
@@ -130,7 +137,7 @@ Contract: core.solver_step.heun_step.)doc");
   m.def(
       "churn_step",
       [](const std::string& dtype, std::int64_t batch, std::int64_t numel, const RowsArg& out, const RowsArg& x,
-         const RowsArg& noise, std::uintptr_t sigma, std::uintptr_t sigma_hat, double S_noise) {
+         const RowsArg& noise, const LevelsArg& sigma, const LevelsArg& sigma_hat, double S_noise) {
         run_step(StepOp::churn, dtype, batch, numel, out, x, noise, RowsArg{0, 0}, sigma, sigma_hat, S_noise);
       },
       py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
@@ -142,7 +149,7 @@ Contract: core.solver_step.churn_step.)doc");
   m.def(
       "ancestral_step",
       [](const std::string& dtype, std::int64_t batch, std::int64_t numel, const RowsArg& out, const RowsArg& x,
-         const RowsArg& denoised, const RowsArg& noise, std::uintptr_t sigma, std::uintptr_t sigma_next) {
+         const RowsArg& denoised, const RowsArg& noise, const LevelsArg& sigma, const LevelsArg& sigma_next) {
         run_step(StepOp::ancestral, dtype, batch, numel, out, x, denoised, noise, sigma, sigma_next, 1.0);
       },
       py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),

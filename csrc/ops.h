@@ -40,9 +40,11 @@ struct LossArgs {
   std::uintptr_t loss;    // out (B,) float32, float64 for float64 storage
   Rows grad;              // out (B, N) d sum_i loss_i / d pred / grad_count, storage type; data 0 = none
   Rows pred, y_t, y_tmin; // (B, N)
-  std::uintptr_t sigma, sigma_min, sigma_max;  // (B,) float64
-  std::uintptr_t weight;  // (B,) float64 or 0 (no weight tensor)
-  std::uintptr_t flags;   // out (B,) int32 LossFlag bits, or 0: no checks (rows that do not train are not read)
+  Levels sigma, sigma_min;  // (B,)
+  Levels sigma_max;       // (B,); data 0: zeros (no locality rule)
+  Levels weight;          // (B,); data 0: no weight tensor
+  bool check;             // compute the LossFlag bits (else rows that do not train are not read)
+  std::uintptr_t flags;   // out (B,) int32 LossFlag bits when checking, or 0 (only the summary is returned)
   std::int64_t grad_count = 1;  // the gradient is divided by this (B for a mean over the batch)
   LossOptions options;
 };
@@ -64,8 +66,8 @@ struct StepArgs {
   Rows x;                         // (B, N) state
   Rows a;                         // euler/heun/ancestral: denoised; churn: noise
   Rows b;                         // heun: denoised_next; ancestral: noise; else unused
-  std::uintptr_t sigma;           // (B,) float64
-  std::uintptr_t sigma_next;      // (B,) float64 (churn: sigma_hat)
+  Levels sigma;                   // (B,)
+  Levels sigma_next;              // (B,) (churn: sigma_hat)
   double s_noise = 1.0;           // churn only
 };
 

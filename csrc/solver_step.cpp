@@ -113,8 +113,8 @@ void run_step(const StepArgs& s, const MakeOp& make_op) {
 }
 
 template <typename C>
-C level(std::uintptr_t levels, std::int64_t i) {
-  return static_cast<C>(reinterpret_cast<const double*>(levels)[i]);
+C level(const Levels& levels, std::int64_t i) {
+  return static_cast<C>(level_at(levels, i));
 }
 
 template <typename T>
@@ -159,7 +159,7 @@ void solver_step(StepOp op, const StepArgs& s) {
                      : op == StepOp::churn ? "churn_step"
                                            : "ancestral_step";
   AF_CHECK(s.batch >= 0 && s.numel >= 0, name, ": bad shape (", s.batch, ", ", s.numel, ")");
-  AF_CHECK(s.batch == 0 || (s.sigma != 0 && s.sigma_next != 0), name, ": null level pointer");
+  AF_CHECK(s.batch == 0 || (s.sigma.data != 0 && s.sigma_next.data != 0), name, ": null level pointer");
   check_out_rows("out", s.out, s.batch, s.numel);
   check_rows("x", s.x, s.batch);
   check_rows("second input", s.a, s.batch);

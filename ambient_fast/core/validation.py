@@ -30,7 +30,17 @@ def active(validate: bool = True) -> bool:
     """Whether eager checks should run now (never while compiling or capturing a CUDA graph)."""
     if not validate or torch.compiler.is_compiling():
         return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return not (_cuda_available() and torch.cuda.is_current_stream_capturing())
+
+
+_CUDA: list[bool] = []
+
+
+def _cuda_available() -> bool:
+    """``torch.cuda.is_available()``, asked once (it costs microseconds per call)."""
+    if not _CUDA:
+        _CUDA.append(torch.cuda.is_available())
+    return _CUDA[0]
 
 
 def first_bad_index(bad: torch.Tensor) -> int:

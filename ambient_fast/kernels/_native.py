@@ -65,9 +65,16 @@ def rows(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     return t, (t.data_ptr(), t.stride(0))
 
 
-def levels(t: torch.Tensor) -> torch.Tensor:
-    """A ``(B,)`` level vector as contiguous float64 (what the kernels read)."""
-    return t.to(torch.float64).contiguous()
+def levels(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, bool]]:
+    """``(tensor, (data pointer, element stride, is float64))`` of a ``(B,)`` level vector.
+
+    float32 and float64 levels are read in place with any stride (a column of the sampler's
+    ``(B, K+1)`` table, a stride-0 expansion); other dtypes are converted to float32 (exactly).
+    The returned tensor must stay referenced until the kernel returns.
+    """
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float32)
+    return t, (t.data_ptr(), t.stride(0), t.dtype == torch.float64)
 
 
 def same_dtype(tensors: list[torch.Tensor], reference: torch.Tensor) -> list[torch.Tensor]:
@@ -92,7 +99,7 @@ def run_step(name: str, x: torch.Tensor, inputs: dict, level_args: dict, **kerne
     for arg, t in level_args.items():
         if t.shape != (batch,):
             raise ValueError(f"{name}: {arg} must have shape ({batch},), got {tuple(t.shape)}")
-    level_tensors = {arg: levels(t) for arg, t in level_args.items()}
+    level_tensors = {arg: levels(t) for arg, t in level_args.items()}  # kept referenced for the call
     operands = same_dtype([x, *inputs.values()], x)
     laid_out = [rows(t) for t in operands]
     numel = x.numel() // batch if batch else 0
@@ -104,7 +111,7 @@ def run_step(name: str, x: torch.Tensor, inputs: dict, level_args: dict, **kerne
         out=(out.data_ptr(), numel),
         x=laid_out[0][1],
         **{arg: r for arg, (_, r) in zip(inputs, laid_out[1:], strict=True)},
-        **{arg: t.data_ptr() for arg, t in level_tensors.items()},
+        **{arg: triple for arg, (_, triple) in level_tensors.items()},
         **kernel_args,
     )
     return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -48,6 +48,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import torch
 import triton
@@ -484,14 +485,18 @@ def ambient_loss_cpp_fwd(
     weight: torch.Tensor | None,
     cfg: LossConfig,
     *,
+    check: bool = False,
     flags: torch.Tensor | None = None,
     grad_count: int = 1,
 ) -> tuple[int, int]:
-    """C++: the contract of :func:`ambient_loss_fwd` on CPU tensors.
+    """C++: the contract of :func:`ambient_loss_fwd` on CPU tensors (``sigma_max`` may be None: zeros).
+
+    ``check``: compute the check flags; they are written into ``flags`` (``(B,)`` int32) when
+    given, else only summarised in the return value.
 
     ``grad``: contiguous, in ``pred``'s dtype (in the compute dtype when the inputs' dtypes
     differ: they are converted to it first). Returns ``(largest flag, first row with an error flag
-    or -1)``; ``(0, -1)`` without ``flags``.
+    or -1)``; ``(0, -1)`` without ``check``.
     """
     ext = _native.extension()
     batch = pred.shape[0]
@@ -500,8 +505,9 @@ def ambient_loss_cpp_fwd(
         raise ValueError(f"ambient loss: samples of shape {tuple(pred.shape[1:])} have no elements to average")
     operands = _native.same_dtype([pred, y_t, y_tmin], pred)
     (p, p_rows), (yt, yt_rows), (ytm, ytm_rows) = (_native.rows(t) for t in operands)
-    levels = [_native.levels(t) for t in (sigma, sigma_min, sigma_max)]
-    w = _native.levels(weight) if weight is not None else None
+    (s, s_arg), (sm, sm_arg) = _native.levels(sigma), _native.levels(sigma_min)
+    smax, smax_arg = _native.levels(sigma_max) if sigma_max is not None else (None, None)
+    w, w_arg = _native.levels(weight) if weight is not None else (None, None)
     return ext.ambient_loss(
         dtype=_native.DTYPE_NAMES[operands[0].dtype],
         batch=batch,
@@ -511,10 +517,11 @@ def ambient_loss_cpp_fwd(
         pred=p_rows,
         y_t=yt_rows,
         y_tmin=ytm_rows,
-        sigma=levels[0].data_ptr(),
-        sigma_min=levels[1].data_ptr(),
-        sigma_max=levels[2].data_ptr(),
-        weight=w.data_ptr() if w is not None else 0,
+        sigma=s_arg,
+        sigma_min=sm_arg,
+        sigma_max=smax_arg,
+        weight=w_arg,
+        check=check,
         flags=flags.data_ptr() if flags is not None else 0,
         grad_count=grad_count,
         schedule=cfg.schedule,
@@ -575,22 +582,28 @@ def _forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, int | None]:
     """The one implementation behind the op and the eager path.
 
-    Returns ``(loss (B,), gradient or None, flags (B,) int32 or None, largest flag)``; the
-    largest flag is known without a sync on CPU (C++) and None for Triton (reduce ``flags``).
+    ``sigma_max`` may be None (zeros). Returns ``(loss (B,), gradient or None, flags (B,) int32
+    or None, largest flag)``: C++ returns the largest flag without a sync (and every row's flags
+    only when one is an error); Triton gives the flags, which the caller reduces (one sync).
     """
     batch = pred.shape[0]
     loss = torch.empty(batch, dtype=_native.compute_dtype(pred.dtype), device=pred.device)
-    flags = torch.zeros(batch, dtype=torch.int32, device=pred.device) if check else None
     if kernel == "cpp":
         mixed = not (y_t.dtype == pred.dtype and y_tmin.dtype == pred.dtype)
         storage = _native.compute_dtype(pred.dtype) if mixed else pred.dtype
         grad = torch.empty(pred.shape, dtype=storage) if need_grad else None
-        largest, _ = ambient_loss_cpp_fwd(
-            loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, flags=flags, grad_count=grad_count
-        )
+        fwd = partial(ambient_loss_cpp_fwd, loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
+        largest, _ = fwd(check=check, grad_count=grad_count)
+        flags = None
+        if largest >= 2:  # error path: run again to get every row's flags
+            flags = torch.zeros(batch, dtype=torch.int32)
+            fwd(check=True, flags=flags, grad_count=grad_count)
         if grad is not None and grad.dtype != pred.dtype:
             grad = grad.to(pred.dtype)
-        return loss, grad, flags, largest
+        return loss, grad, flags, largest if check else None
+    if sigma_max is None:
+        sigma_max = torch.zeros(batch, dtype=sigma.dtype, device=sigma.device)
+    flags = torch.zeros(batch, dtype=torch.int32, device=pred.device) if check else None
     grad = empty_rows_like(pred) if need_grad else None
     ambient_loss_fwd(
         loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, flags=flags, grad_count=grad_count
@@ -708,7 +721,7 @@ class _FusedLoss(torch.autograd.Function):
         )
         if check:
             if largest is None:
-                largest = int(flags.max())  # one B-element reduction and one sync
+                largest = int(flags.max())  # Triton: one B-element reduction and one sync
             if largest >= 2:
                 raise_for_flags(flags, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
             if largest == 0 and reduction != "none":
@@ -745,7 +758,7 @@ def fused_ambient_loss(
     y_tmin: torch.Tensor,
     sigma: torch.Tensor,
     sigma_min: torch.Tensor,
-    sigma_max: torch.Tensor,
+    sigma_max: torch.Tensor | None,
     weight: torch.Tensor | None,
     cfg: LossConfig,
     *,
@@ -757,7 +770,8 @@ def fused_ambient_loss(
 
     Args:
         pred, y_t, y_tmin: ``(B, ...)`` same shape (fp16/bf16/fp32/fp64), any layout.
-        sigma, sigma_min, sigma_max: ``(B,)`` levels, any floating dtype and stride.
+        sigma, sigma_min, sigma_max: ``(B,)`` levels, any floating dtype and stride
+            (``sigma_max`` None: zeros, no locality rule).
         weight: ``(B,)`` per-sample weight replacing the default, or None.
         cfg: resolved options (:class:`~ambient_fast.core.loss.LossConfig`).
         kernel: ``"triton"`` or ``"cpp"`` (see the op).
@@ -782,6 +796,8 @@ def fused_ambient_loss(
     check_operands(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight)
     need_grad = grad_enabled and pred.requires_grad
     if torch.compiler.is_compiling():
+        if sigma_max is None:
+            sigma_max = torch.zeros_like(sigma)
         loss, _ = _ambient_loss_op(
             pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight,
             cfg.schedule, cfg.target, cfg.contraction, cfg.elig_scale, cfg.elig_shift,
