@@ -179,9 +179,9 @@ def test_fused_op_refuses_gradients_it_cannot_give():
     pred = torch.randn(2, 5, requires_grad=True)
     y_t = torch.randn(2, 5, requires_grad=True)
     ones = torch.ones(2)
-    loss, _ = torch.ops.ambient_fast.ambient_loss(
-        pred, y_t, torch.randn(2, 5), ones, 0 * ones, 0 * ones, None, "ve", "x0", False, 1.1547, 0.0, True, 0.5, True, "cpp"
-    )
+    options = ("ve", "x0", False, 1.1547, 0.0, True, 0.5, True, "cpp")
+    y_tmin = torch.randn(2, 5)
+    loss, _ = torch.ops.ambient_fast.ambient_loss(pred, y_t, y_tmin, ones, 0 * ones, 0 * ones, None, *options)
     with pytest.raises(NotImplementedError, match="pred only"):
         loss.sum().backward()
     # Second derivatives are not provided either (create_graph=True).

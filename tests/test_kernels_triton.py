@@ -412,15 +412,14 @@ loss_options = dict(
 tile = dict(BLOCK_ROWS=1, BLOCK_COLS=4096)
 for dtype in ("fp32", "bf16"):
     for check in (False, True):
-        compile_for_sm90(
-            loss_kernels._ambient_loss_fwd_kernel, dtype, **loss_options, WRITE_GRAD=True, CHECK=check, SPLIT=True, **tile
-        )
+        fwd = loss_kernels._ambient_loss_fwd_kernel
+        compile_for_sm90(fwd, dtype, **loss_options, WRITE_GRAD=True, CHECK=check, SPLIT=True, **tile)
     compile_for_sm90(loss_kernels._ambient_loss_bwd_kernel, dtype, FP64=False, **tile)
-    compile_for_sm90(importlib.import_module("ambient_fast.kernels.heun_step")._heun_step_fwd_kernel, dtype, FP64=False, **tile)
+    heun = importlib.import_module("ambient_fast.kernels.heun_step")._heun_step_fwd_kernel
+    compile_for_sm90(heun, dtype, FP64=False, **tile)
 for check in (False, True):
-    compile_for_sm90(
-        loss_kernels._ambient_loss_fwd_reduce_kernel, "fp32", **loss_options, CHECK=check, BLOCK_ROWS=4, BLOCK_CHUNKS=256
-    )
+    reduce = loss_kernels._ambient_loss_fwd_reduce_kernel
+    compile_for_sm90(reduce, "fp32", **loss_options, CHECK=check, BLOCK_ROWS=4, BLOCK_CHUNKS=256)
 for name in ("euler", "churn", "ancestral"):
     extra = {"S_NOISE": 1.007} if name == "churn" else {}
     kernel = getattr(importlib.import_module(f"ambient_fast.kernels.{name}_step"), f"_{name}_step_fwd_kernel")

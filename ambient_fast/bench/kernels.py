@@ -227,9 +227,10 @@ def run_kernel_bench(
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for op in ops:
-                cases = (_loss_case if op == "loss" else lambda *a: _step_case(op, *a))(
-                    shape, dtype, device, with_compile
-                )
+                if op == "loss":
+                    cases = _loss_case(shape, dtype, device, with_compile)
+                else:
+                    cases = _step_case(op, shape, dtype, device, with_compile)
                 for phase, (calls, nbytes) in cases.items():
                     timings = _interleaved({**calls, "copy": _copy_of(nbytes, device)}, rounds, warmup, device)
                     copy_s = timings.pop("copy")[0]
@@ -244,7 +245,7 @@ def run_kernel_bench(
                         if progress is not None:
                             progress(row)
     meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "triton": triton.__version__,

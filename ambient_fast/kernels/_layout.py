@@ -26,6 +26,7 @@ __all__ = [
     "memory_order",
     "check_kernel",
     "fake_output",
+    "needs_op",
     "launch_rows",
     "num_warps",
     "sqrt_rn",
@@ -125,6 +126,13 @@ def check_kernel(kernel: str, device: torch.device) -> None:
             raise RuntimeError(f"kernel 'cpp' needs CPU tensors, got {device.type}")
     else:
         raise ValueError(f"kernel must be 'triton' or 'cpp', got {kernel!r}")
+
+
+def needs_op(*tensors: torch.Tensor) -> bool:
+    """Whether a step must go through its registered op rather than straight to the kernel:
+    under torch.compile (the op is opaque to it), or when an input requires grad (the op then
+    refuses the backward with "no autograd formula" instead of a silently detached result)."""
+    return torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
 def fake_output(x: torch.Tensor, kernel: str) -> torch.Tensor:

@@ -505,9 +505,10 @@ def ambient_loss_cpp_fwd(
         raise ValueError(f"ambient loss: samples of shape {tuple(pred.shape[1:])} have no elements to average")
     operands = _native.same_dtype([pred, y_t, y_tmin], pred)
     (p, p_rows), (yt, yt_rows), (ytm, ytm_rows) = (_native.rows(t) for t in operands)
-    (s, s_arg), (sm, sm_arg) = _native.levels(sigma), _native.levels(sigma_min)
-    smax, smax_arg = _native.levels(sigma_max) if sigma_max is not None else (None, None)
-    w, w_arg = _native.levels(weight) if weight is not None else (None, None)
+    # (tensor, (pointer, stride, is float64)): the tensors stay referenced until the call returns.
+    levels = {name: _native.levels(t) if t is not None else (None, None) for name, t in (
+        ("sigma", sigma), ("sigma_min", sigma_min), ("sigma_max", sigma_max), ("weight", weight)
+    )}
     return ext.ambient_loss(
         dtype=_native.DTYPE_NAMES[operands[0].dtype],
         batch=batch,
@@ -517,10 +518,7 @@ def ambient_loss_cpp_fwd(
         pred=p_rows,
         y_t=yt_rows,
         y_tmin=ytm_rows,
-        sigma=s_arg,
-        sigma_min=sm_arg,
-        sigma_max=smax_arg,
-        weight=w_arg,
+        **{name: arg for name, (_, arg) in levels.items()},
         check=check,
         flags=flags.data_ptr() if flags is not None else 0,
         grad_count=grad_count,
@@ -563,7 +561,9 @@ def check_operands(
         if t.shape != (batch,):
             raise ValueError(f"ambient loss: {name} must have shape ({batch},), got {tuple(t.shape)}")
         if t.device != pred.device or not t.is_floating_point():
-            raise ValueError(f"ambient loss: {name} must be a floating tensor on {pred.device}, got {t.dtype} on {t.device}")
+            raise ValueError(
+                f"ambient loss: {name} must be a floating tensor on {pred.device}, got {t.dtype} on {t.device}"
+            )
 
 
 def _forward(
@@ -725,7 +725,9 @@ class _FusedLoss(torch.autograd.Function):
             if largest >= 2:
                 raise_for_flags(flags, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
             if largest == 0 and reduction != "none":
-                warnings.warn("ambient_loss: no sample in the batch is eligible at its sigma; the loss is 0", stacklevel=4)
+                warnings.warn(
+                    "ambient_loss: no sample in the batch is eligible at its sigma; the loss is 0", stacklevel=4
+                )
         ctx.reduced = reduced
         if grad is not None:
             ctx.save_for_backward(grad)

@@ -34,6 +34,7 @@ from ._layout import (
     launch_rows,
     load_rows,
     load_tile,
+    needs_op,
     sqrt_rn,
     store_tile,
     tile_indices,
@@ -77,8 +78,9 @@ def _ancestral_step_fwd_kernel(
 
 
 def ancestral_step_fwd(out, x, denoised, noise, sigma, sigma_next, *, max_block: int = MAX_BLOCK) -> None:
-    """Triton: write the step into ``out`` (from :func:`~ambient_fast.kernels._layout.empty_rows_like` of ``x``)."""
-    launch_rows(wrap_triton(_ancestral_step_fwd_kernel), out, x, (denoised, noise), (sigma, sigma_next), max_block)
+    """Triton: write the step into ``out`` (an ``empty_rows_like(x)``)."""
+    kernel = wrap_triton(_ancestral_step_fwd_kernel)
+    launch_rows(kernel, out, x, (denoised, noise), (sigma, sigma_next), max_block)
 
 
 def _run(
@@ -90,7 +92,9 @@ def _run(
     kernel: str,
 ) -> torch.Tensor:
     if kernel == "cpp":
-        return _native.run_step("ancestral_step", x, {"denoised": denoised, "noise": noise}, {"sigma": sigma, "sigma_next": sigma_next})
+        return _native.run_step(
+            "ancestral_step", x, {"denoised": denoised, "noise": noise}, {"sigma": sigma, "sigma_next": sigma_next}
+        )
     out = empty_rows_like(x)
     ancestral_step_fwd(out, x, denoised, noise, sigma, sigma_next)
     return out
@@ -135,7 +139,7 @@ def ancestral_step(
     Returns:
         ``(B, ...)`` ``D + r^2 (x - D) + sigma_next sqrt(1 - r^2) noise`` in ``x``'s dtype.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or denoised.requires_grad or noise.requires_grad)):
-        return _ancestral_step_op(x, denoised, noise, sigma, sigma_next, kernel)  # the op: opaque to torch.compile, no autograd formula
+    if needs_op(x, denoised, noise):
+        return _ancestral_step_op(x, denoised, noise, sigma, sigma_next, kernel)
     check_kernel(kernel, x.device)
     return _run(x, denoised, noise, sigma, sigma_next, kernel)

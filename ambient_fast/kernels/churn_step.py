@@ -35,6 +35,7 @@ from ._layout import (
     launch_rows,
     load_rows,
     load_tile,
+    needs_op,
     sqrt_rn,
     store_tile,
     tile_indices,
@@ -73,8 +74,9 @@ def _churn_step_fwd_kernel(
 
 
 def churn_step_fwd(out, x, noise, sigma, sigma_hat, S_noise, *, max_block: int = MAX_BLOCK) -> None:
-    """Triton: write the step into ``out`` (from :func:`~ambient_fast.kernels._layout.empty_rows_like` of ``x``)."""
-    launch_rows(wrap_triton(_churn_step_fwd_kernel), out, x, (noise,), (sigma, sigma_hat), max_block, S_NOISE=float(S_noise))
+    """Triton: write the step into ``out`` (an ``empty_rows_like(x)``)."""
+    kernel = wrap_triton(_churn_step_fwd_kernel)
+    launch_rows(kernel, out, x, (noise,), (sigma, sigma_hat), max_block, S_NOISE=float(S_noise))
 
 
 def _run(
@@ -86,7 +88,9 @@ def _run(
     kernel: str,
 ) -> torch.Tensor:
     if kernel == "cpp":
-        return _native.run_step("churn_step", x, {"noise": noise}, {"sigma": sigma, "sigma_hat": sigma_hat}, S_noise=float(S_noise))
+        return _native.run_step(
+            "churn_step", x, {"noise": noise}, {"sigma": sigma, "sigma_hat": sigma_hat}, S_noise=float(S_noise)
+        )
     out = empty_rows_like(x)
     churn_step_fwd(out, x, noise, sigma, sigma_hat, S_noise)
     return out
@@ -132,7 +136,7 @@ def churn_step(
     Returns:
         ``(B, ...)`` ``x + sqrt(sigma_hat^2 - sigma^2) S_noise noise`` in ``x``'s dtype.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or noise.requires_grad)):
-        return _churn_step_op(x, noise, sigma, sigma_hat, float(S_noise), kernel)  # the op: opaque to torch.compile, no autograd formula
+    if needs_op(x, noise):
+        return _churn_step_op(x, noise, sigma, sigma_hat, float(S_noise), kernel)
     check_kernel(kernel, x.device)
     return _run(x, noise, sigma, sigma_hat, S_noise, kernel)

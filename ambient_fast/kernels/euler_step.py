@@ -34,6 +34,7 @@ from ._layout import (
     launch_rows,
     load_rows,
     load_tile,
+    needs_op,
     store_tile,
     tile_indices,
 )
@@ -69,8 +70,9 @@ def _euler_step_fwd_kernel(
 
 
 def euler_step_fwd(out, x, denoised, sigma, sigma_next, *, max_block: int = MAX_BLOCK) -> None:
-    """Triton: write the step into ``out`` (from :func:`~ambient_fast.kernels._layout.empty_rows_like` of ``x``)."""
-    launch_rows(wrap_triton(_euler_step_fwd_kernel), out, x, (denoised,), (sigma, sigma_next), max_block)
+    """Triton: write the step into ``out`` (an ``empty_rows_like(x)``)."""
+    kernel = wrap_triton(_euler_step_fwd_kernel)
+    launch_rows(kernel, out, x, (denoised,), (sigma, sigma_next), max_block)
 
 
 def _run(
@@ -81,7 +83,9 @@ def _run(
     kernel: str,
 ) -> torch.Tensor:
     if kernel == "cpp":
-        return _native.run_step("euler_step", x, {"denoised": denoised}, {"sigma": sigma, "sigma_next": sigma_next})
+        return _native.run_step(
+            "euler_step", x, {"denoised": denoised}, {"sigma": sigma, "sigma_next": sigma_next}
+        )
     out = empty_rows_like(x)
     euler_step_fwd(out, x, denoised, sigma, sigma_next)
     return out
@@ -123,7 +127,7 @@ def euler_step(
     Returns:
         ``(B, ...)`` new state in ``x``'s dtype (Triton: ``x``'s memory layout; C++: contiguous).
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or denoised.requires_grad)):
-        return _euler_step_op(x, denoised, sigma, sigma_next, kernel)  # the op: opaque to torch.compile, no autograd formula
+    if needs_op(x, denoised):
+        return _euler_step_op(x, denoised, sigma, sigma_next, kernel)
     check_kernel(kernel, x.device)
     return _run(x, denoised, sigma, sigma_next, kernel)

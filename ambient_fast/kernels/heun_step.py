@@ -37,6 +37,7 @@ from ._layout import (
     launch_rows,
     load_rows,
     load_tile,
+    needs_op,
     store_tile,
     tile_indices,
 )
@@ -82,8 +83,9 @@ def _heun_step_fwd_kernel(
 
 
 def heun_step_fwd(out, x, denoised, denoised_next, sigma, sigma_next, *, max_block: int = MAX_BLOCK) -> None:
-    """Triton: write the step into ``out`` (from :func:`~ambient_fast.kernels._layout.empty_rows_like` of ``x``)."""
-    launch_rows(wrap_triton(_heun_step_fwd_kernel), out, x, (denoised, denoised_next), (sigma, sigma_next), max_block)
+    """Triton: write the step into ``out`` (an ``empty_rows_like(x)``)."""
+    kernel = wrap_triton(_heun_step_fwd_kernel)
+    launch_rows(kernel, out, x, (denoised, denoised_next), (sigma, sigma_next), max_block)
 
 
 def _run(
@@ -95,7 +97,8 @@ def _run(
     kernel: str,
 ) -> torch.Tensor:
     if kernel == "cpp":
-        return _native.run_step("heun_step", x, {"denoised": denoised, "denoised_next": denoised_next}, {"sigma": sigma, "sigma_next": sigma_next})
+        inputs = {"denoised": denoised, "denoised_next": denoised_next}
+        return _native.run_step("heun_step", x, inputs, {"sigma": sigma, "sigma_next": sigma_next})
     out = empty_rows_like(x)
     heun_step_fwd(out, x, denoised, denoised_next, sigma, sigma_next)
     return out
@@ -141,7 +144,7 @@ def heun_step(
     Returns:
         ``(B, ...)`` new state in ``x``'s dtype.
     """
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (x.requires_grad or denoised.requires_grad or denoised_next.requires_grad)):
-        return _heun_step_op(x, denoised, denoised_next, sigma, sigma_next, kernel)  # the op: opaque to torch.compile, no autograd formula
+    if needs_op(x, denoised, denoised_next):
+        return _heun_step_op(x, denoised, denoised_next, sigma, sigma_next, kernel)
     check_kernel(kernel, x.device)
     return _run(x, denoised, denoised_next, sigma, sigma_next, kernel)

@@ -93,7 +93,7 @@ def sample(
     check_tensor("noise", noise)
     check_tensor("sigmas", sigmas, "(K+1,) or (B, K+1)")
     if noise.dim() < 1:
-        raise ValueError(f"noise: expected a batch (B, ...), got a 0-d tensor")
+        raise ValueError("noise: expected a batch (B, ...), got a 0-d tensor")
     if start is not None:
         check_tensor("start", start)
         if start.shape != noise.shape:
@@ -101,7 +101,9 @@ def sample(
     if seeds is not None:
         check_tensor("seeds", seeds, f"of shape ({noise.shape[0]},)")
         if seeds.shape != (noise.shape[0],) or seeds.is_floating_point():
-            raise ValueError(f"seeds: expected integers of shape ({noise.shape[0]},), got {seeds.dtype} {tuple(seeds.shape)}")
+            raise ValueError(
+                f"seeds: expected integers of shape ({noise.shape[0]},), got {seeds.dtype} {tuple(seeds.shape)}"
+            )
     batch = noise.shape[0]
     if batch == 0:
         return (start if start is not None else noise).clone()
