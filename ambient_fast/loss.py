@@ -30,6 +30,7 @@ from .core.validation import (
     check_per_sample_layout,
     check_same_layout,
     check_sigma_pair,
+    first_bad_index,
 )
 from .kernels.ambient_loss import fused_ambient_loss
 from .kernels.dispatch import resolve_kernel
@@ -131,6 +132,12 @@ def ambient_loss(
         if tensor_weight is not None:
             check_per_sample("weight", tensor_weight, batch, device)
     per_sample = per_sample_loss_reference(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, tensor_weight, cfg)
+    if checks and not bool(torch.isfinite(per_sample).all()):
+        i = first_bad_index(~torch.isfinite(per_sample))
+        raise ValueError(
+            f"sigma: the loss of sample {i} is not finite in {per_sample.dtype} (sigma={float(sigma[i]):.6g}, "
+            f"sigma_min={float(sigma_min[i]):.6g}): the levels or the data overflow the compute dtype"
+        )
     if reduction == "none":
         return per_sample
     if checks and not bool(eligible(sigma, sigma_min, sigma_max, s_max, buffer).any()):

@@ -222,7 +222,7 @@ LossCheck run_loss(const LossArgs& a) {
     // Error path only: a non-finite sum names its input (or is an overflow of finite data).
     if (!std::isfinite(total)) {
       const std::int32_t bits = input_bits(pred, y_t, y_tmin, n);
-      chunk_flags[task] = bits != 0 ? bits : kLossOverflow;
+      chunk_flags[task] = bits != 0 ? bits : (row.flags > kTrained ? 0 : kLossOverflow);
     } else if (with_grad && std::abs(static_cast<double>(k)) * std::sqrt(total) >= Magnitude<T>::max_finite &&
                nonfinite_chunk(grad, n)) {
       chunk_flags[task] = kGradOverflow;  // |grad_ij| <= k sqrt(sum_j r_ij^2): re-read only here
@@ -238,7 +238,7 @@ LossCheck run_loss(const LossArgs& a) {
     if (!check) continue;
     std::int32_t bits = rows[i].flags;
     for (std::int64_t t = 0; t < per_row; ++t) bits |= chunk_flags[i * per_row + t];
-    if (!std::isfinite(loss[i])) bits |= kLossOverflow;
+    if (!std::isfinite(loss[i]) && bits <= kTrained) bits |= kLossOverflow;  // finite inputs, loss overflows
     if (flags != nullptr) flags[i] = bits;
     if (bits > result.max_flag) result.max_flag = bits;
     if (bits >= 2 && result.first_bad < 0) result.first_bad = i;

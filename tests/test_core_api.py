@@ -304,3 +304,196 @@ def test_ambient_loss_callable_contraction_targets_the_corrupt_sample_itself():
         plain = lam * ((net(y_t, sigma) - images) ** 2).mean(dim=(1, 2, 3))
         rows = [0, 1, 2, 3] if mode == "contraction" else [2, 3]  # clean and locality rows are plain
         torch.testing.assert_close(got[rows], plain[rows])
+
+
+# ----------------------------------------------------------------------------- no silent NaN (issue 15, item 4)
+# Each case found by fuzzing the public API becomes one clear error naming the argument (or a
+# documented finite result). The fused kernels find the value problems in their own pass; the
+# public call runs them by default ("auto": C++ here).
+
+BACKENDS_UNDER_TEST = ["auto", "triton"]  # C++ and the Triton kernel (interpreted on CPU)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("bad_sigma", [1e20, 1e-20])
+def test_extreme_sigma_in_float32_is_an_error_naming_sigma(backend, bad_sigma):
+    pred, y_t, y_tmin, sigma, sigma_min = _batch()
+    sigma = sigma.clone()
+    sigma[1], sigma_min = bad_sigma, sigma_min * 0
+    with pytest.raises(ValueError, match=r"sigma: the loss coefficients of sample 1 .* not finite in torch.float32"):
+        af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_float64_level_that_overflows_on_the_cast_to_float32_is_an_error(backend):
+    pred, y_t, y_tmin, sigma, sigma_min = _batch()
+    sigma = sigma.double()
+    sigma[3] = 1e40  # finite in float64, inf in the float32 compute dtype
+    with pytest.raises(ValueError, match=r"sigma: the loss coefficients of sample 3"):
+        af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min.double(), backend=backend)
+
+
+def test_reference_backend_refuses_a_non_finite_loss():
+    pred, y_t, y_tmin, sigma, sigma_min = _batch()
+    sigma = sigma.clone()
+    sigma[2] = 1e20
+    with pytest.raises(ValueError, match=r"sample 2"):
+        af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min * 0, backend="torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+@pytest.mark.parametrize("rule", [dict(s_max=math.inf), dict(buffer=0.0)])
+def test_fp16_gradient_overflow_near_the_pole_is_an_error(backend, rule):
+    """sigma a hair above sigma_min: the coefficients are ~1e6, the fp16 gradient overflows."""
+    g = torch.Generator().manual_seed(2)
+    pred, y_t, y_tmin = (torch.randn(2, 4, generator=g).half() for _ in range(3))
+    sigma = torch.tensor([1.0, 1.0])
+    sigma_min = torch.tensor([0.0, 1.0 - 1e-6])
+    leaf = pred.clone().requires_grad_(True)
+    with pytest.raises(ValueError, match=r"pred: d loss / d pred of sample 1 overflows torch.float16"):
+        af.ambient_loss(leaf, y_t, y_tmin, sigma, sigma_min, backend=backend, **rule)
+    # Without a gradient the same loss is finite (float32 accumulation) and returned.
+    assert torch.isfinite(af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, backend=backend, **rule))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_finite_data_whose_loss_overflows_is_an_error(backend):
+    pred, y_t, y_tmin, sigma, sigma_min = _batch()
+    pred = pred.clone()
+    pred[0] = 3e38  # finite float32, but its square is not
+    with pytest.raises(ValueError, match=r"pred: the loss of sample 0 overflows torch.float32"):
+        af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_UNDER_TEST)
+def test_validate_false_skips_the_checks(backend):
+    pred, y_t, y_tmin, sigma, sigma_min = _batch()
+    pred = pred.clone()
+    pred[1] = math.nan
+    loss = af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, backend=backend, validate=False, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2, 3]]).all()
+
+
+def test_python_float_where_a_tensor_belongs_names_the_argument():
+    pred, y_t, y_tmin, sigma, sigma_min = _batch()
+    with pytest.raises(TypeError, match=r"sigma: expected a tensor of shape \(4,\), got float"):
+        af.ambient_loss(pred, y_t, y_tmin, 1.0, sigma_min)
+    with pytest.raises(TypeError, match=r"y_tmin: expected a tensor"):
+        af.ambient_loss(pred, y_t, 0.0, sigma, sigma_min)
+    with pytest.raises(TypeError, match=r"sigma_min: expected a tensor"):
+        af.ambient_loss(pred, y_t, y_tmin, sigma, 0.0)
+    with pytest.raises(TypeError, match=r"y0: expected a tensor"):
+        af.noisy_pair(0.5, sigma, sigma_min)
+    with pytest.raises(TypeError, match=r"noise: expected a tensor"):
+        af.sample(lambda x, s: x, 1.0, af.karras_sigmas(4, 0.1, 1.0))
+    with pytest.raises(TypeError, match=r"sigma_min: expected a tensor"):
+        af.restore(lambda x, s: x, pred, 0.5, seeds=torch.arange(4))
+
+
+def test_empty_batch():
+    empty = torch.empty(0, 3)
+    levels = torch.empty(0)
+    with pytest.raises(ValueError, match=r"pred: expected a batch \(B, \.\.\.\) with B >= 1"):
+        af.ambient_loss(empty, empty, empty, levels, levels)
+    with pytest.raises(ValueError, match=r"y0: expected a batch \(B, \.\.\.\) with B >= 1"):
+        af.noisy_pair(empty, levels, levels)
+    # Samplers: an empty batch is a documented empty result.
+    assert af.sample(lambda x, s: x, empty, af.karras_sigmas(4, 0.1, 1.0)).shape == (0, 3)
+    assert af.restore(lambda x, s: x, empty, levels, seeds=torch.arange(0)).shape == (0, 3)
+
+
+def test_noisy_pair_checks_y0_ids_and_the_level_order():
+    y0 = torch.randn(3, 4)
+    sigma, sigma_min = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0.5, 0.5, 0.5])
+    bad = y0.clone()
+    bad[2, 1] = math.inf
+    with pytest.raises(ValueError, match=r"y0: non-finite value \(NaN or Inf\) in sample 2"):
+        af.noisy_pair(bad, sigma, sigma_min)
+    with pytest.raises(ValueError, match=r"sample_ids: expected one id per sample, shape \(3,\), got \(5,\)"):
+        af.noisy_pair(y0, sigma, sigma_min, sample_ids=torch.arange(5))
+    with pytest.raises(ValueError, match=r"eta_seeds: expected one id per sample"):
+        af.noisy_pair(y0, sigma, sigma_min, eta_seeds=torch.arange(2))
+    with pytest.raises(ValueError, match=r"sigma: must be >= sigma_min .* sample 1 has sigma=0.2 < sigma_min=0.5"):
+        af.noisy_pair(y0, torch.tensor([1.0, 0.2, 0.5]), sigma_min)
+    y_t, y_tmin = af.noisy_pair(y0, sigma, sigma_min)  # sigma == sigma_min is allowed: y_t == y_tmin there
+    assert torch.equal(y_t[2], y_tmin[2]) and not torch.equal(y_t[0], y_tmin[0])
+
+
+def test_sample_checks_noise_and_start():
+    sigmas = af.karras_sigmas(4, 0.1, 1.0)
+    noise = torch.randn(3, 2)
+    bad = noise.clone()
+    bad[1, 0] = math.nan
+    with pytest.raises(ValueError, match=r"noise: non-finite value \(NaN or Inf\) in sample 1"):
+        af.sample(lambda x, s: x, bad, sigmas)
+    with pytest.raises(ValueError, match=r"start: non-finite value \(NaN or Inf\) in sample 1"):
+        af.sample(lambda x, s: x, noise, sigmas, start=bad)
+    with pytest.raises(ValueError, match=r"start: shape \(2, 2\) differs from noise's \(3, 2\)"):
+        af.sample(lambda x, s: x, noise, sigmas, start=noise[:2])
+
+
+def test_restore_checks_start_noise():
+    y0, sm, seeds = torch.randn(3, 2), torch.tensor([0.5, 0.5, 0.0]), torch.arange(3)
+    bad = torch.randn(3, 2)
+    bad[0, 1] = math.inf
+    with pytest.raises(ValueError, match=r"start_noise: non-finite value \(NaN or Inf\) in sample 0"):
+        af.restore(lambda x, s: x, y0, sm, seeds=seeds, start_noise=bad)
+    with pytest.raises(ValueError, match=r"start_noise: shape \(3, 3\) differs from y0's \(3, 2\)"):
+        af.restore(lambda x, s: x, y0, sm, seeds=seeds, start_noise=torch.randn(3, 3))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    log_sigma=st.lists(st.floats(-25, 25), min_size=1, max_size=4),
+    ratio=st.sampled_from([0.0, 0.5, 0.999999, 1.0, 1.5]),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    level_dtype=st.sampled_from([torch.float32, torch.float64]),
+    rule=st.sampled_from([dict(), dict(s_max=math.inf), dict(buffer=0.0)]),
+    scale=st.sampled_from([1.0, 1e4, 1e30]),
+    backend=st.sampled_from(["auto", "torch"]),
+)
+def test_fuzz_public_loss_is_finite_or_one_clear_error(log_sigma, ratio, dtype, level_dtype, rule, scale, backend):
+    """Fuzzed levels (1e-25 .. 1e25, at and near the pole), dtypes, rules and data scales: the
+    public loss is finite with a finite gradient, or raises one ValueError naming an argument."""
+    batch = len(log_sigma)
+    g = torch.Generator().manual_seed(batch)
+    finite_max = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+    pred, y_t, y_tmin = ((torch.randn(batch, 5, generator=g) * scale).clamp(-finite_max, finite_max).to(dtype)
+                         for _ in range(3))
+    sigma = (10.0 ** torch.tensor(log_sigma, dtype=torch.float64)).to(level_dtype)
+    sigma_min = sigma * ratio
+    leaf = pred.clone().requires_grad_(True)
+    try:
+        loss = af.ambient_loss(leaf, y_t, y_tmin, sigma, sigma_min, backend=backend, **rule)
+        loss.backward()
+    except ValueError as err:
+        assert str(err).split(":")[0] in ("pred", "y_t", "y_tmin", "sigma", "sigma_min"), str(err)
+        return
+    assert torch.isfinite(loss), (loss, sigma, sigma_min)
+    if backend == "auto":  # the reference does not check its (autograd) gradient
+        assert torch.isfinite(leaf.grad).all()
+
+
+# ----------------------------------------------------------------------------- method names (issue 15, item 5)
+
+
+def test_method_names_and_their_deprecated_alias():
+    den = lambda x, s: 0.5 * x  # noqa: E731
+    noise, sigmas, seeds = torch.randn(3, 2), af.karras_sigmas(6, 0.05, 2.0), torch.arange(3)
+    churn = af.sample(den, noise, sigmas, method="churn", S_churn=5.0, seeds=seeds)
+    with pytest.warns(DeprecationWarning, match=r"sample: method='stochastic' is deprecated, use method='churn'"):
+        old = af.sample(den, noise, sigmas, method="stochastic", S_churn=5.0, seeds=seeds)
+    assert torch.equal(churn, old)
+    y0, sm = torch.randn(3, 2), torch.tensor([0.5, 0.3, 0.0])
+    sde = af.restore(den, y0, sm, seeds=seeds, method="sde")
+    with pytest.warns(DeprecationWarning, match=r"restore: method='stochastic' is deprecated, use method='sde'"):
+        old = af.restore(den, y0, sm, seeds=seeds, method="stochastic")
+    assert torch.equal(sde, old)
+    with pytest.raises(ValueError, match=r"sample: method must be one of"):
+        af.sample(den, noise, sigmas, method="ancestral")
+
+    from ambient_fast.restoration.sampler import METHODS, SamplerConfig
+
+    assert "sde" in METHODS and "stochastic" in METHODS  # the CLI's --method choices
+    with pytest.warns(DeprecationWarning, match="SamplerConfig"):
+        assert SamplerConfig(method="stochastic").method == "sde"

@@ -426,3 +426,47 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+# ---- checks in the kernel pass (issue 15, item 2) -------------------------------------
+
+
+def _flag_case():
+    """A batch with one problem per row and the check flags the kernels must write for it."""
+    gen = torch.Generator().manual_seed(41)
+    pred, y_t, y_tmin = (torch.randn(9, 3, 9, generator=gen) for _ in range(3))
+    sigma, sigma_min, sigma_max = torch.ones(9), torch.zeros(9), torch.zeros(9)
+    pred[1, 0, 3] = math.nan
+    y_t[2, 2, 2] = math.inf
+    y_tmin[3, 1, 1] = -math.inf
+    sigma[4] = -1.0
+    sigma_min[5] = math.nan
+    sigma_max[6] = -2.0
+    sigma_min[7], pred[7, 0, 0] = 5.0, math.nan  # a row that does not train is still scanned
+    sigma[8] = 1e20  # coefficients overflow float32
+    # 1 trains; 2/4/8 NaN/Inf in pred/y_t/y_tmin; 16/32/64 bad sigma/sigma_min/sigma_max; 256 coefficients.
+    flags = [1, 1 | 2, 1 | 4, 1 | 8, 1 | 16, 32, 1 | 64, 2, 1 | 256]
+    return (pred, y_t, y_tmin, sigma, sigma_min, sigma_max), flags
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_kernel_pass_writes_the_check_flags(with_grad):
+    from ambient_fast.kernels.ambient_loss import ambient_loss_cpp_fwd
+
+    inputs, expected = _flag_case()
+    loss, flags = torch.empty(9), torch.zeros(9, dtype=torch.int32)
+    grad = torch.empty(inputs[0].shape) if with_grad else None
+    largest, first = ambient_loss_cpp_fwd(loss, grad, *inputs, None, LossConfig(), check=True, flags=flags)
+    assert flags.tolist() == expected
+    assert (largest, first) == (max(expected), 1)
+    assert loss[7] == 0 and loss[5] == 0  # rows that do not train: exactly 0 even with NaN data
+    # Without a buffer only the summary comes back; without checks nothing is scanned.
+    assert ambient_loss_cpp_fwd(loss, grad, *inputs, None, LossConfig(), check=True) == (max(expected), 1)
+    assert ambient_loss_cpp_fwd(loss, grad, *inputs, None, LossConfig()) == (0, -1)
+
+
+def test_public_loss_names_a_nan_in_a_row_that_does_not_train():
+    (pred, y_t, y_tmin, sigma, sigma_min, sigma_max), _ = _flag_case()
+    clean = [0, 7]
+    with pytest.raises(ValueError, match=r"pred: non-finite value \(NaN or Inf\) in sample 1"):
+        ambient_fast.ambient_loss(pred[clean], y_t[clean], y_tmin[clean], sigma[clean], sigma_min[clean], backend="cpp")

@@ -464,3 +464,37 @@ def test_step_large(op, dtype, shape):
     reference = getattr(ref_step, f"{op}_step")
     out = getattr(step_module(op), f"{op}_step")(*args, kernel="triton")
     _assert_matches(out, reference(*args), reference(*_cast_step_args(args, torch.float64)), dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks in the kernel pass (issue 15, item 2)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_block", [MAX_BLOCK, 8], ids=["one_block", "split_rows"])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_kernel_pass_writes_the_check_flags(max_block, with_grad):
+    """The same rows and flags as the C++ kernel (tests/test_cpu_ops.py::_flag_case); split rows
+    combine their chunks' flags with an atomic OR."""
+    from tests.test_cpu_ops import _flag_case
+
+    inputs, expected = _flag_case()
+    inputs = tuple(t.to(DEVICE) for t in inputs)
+    loss = torch.empty(9, device=DEVICE)
+    flags = torch.zeros(9, dtype=torch.int32, device=DEVICE)
+    grad = empty_rows_like(inputs[0]) if with_grad else None
+    loss_kernels.ambient_loss_fwd(loss, grad, *inputs, None, LossConfig(), flags=flags, max_block=max_block)
+    assert flags.tolist() == expected
+    assert loss[7] == 0 and loss[5] == 0
+
+
+def test_fp16_gradient_overflow_flag():
+    pred, y_t, y_tmin = (torch.randn(2, 4, device=DEVICE).half() for _ in range(3))
+    sigma = torch.ones(2, device=DEVICE)
+    sigma_min = torch.tensor([0.0, 1.0 - 1e-6], device=DEVICE)
+    cfg = LossConfig(elig_scale=1.0)  # s_max = inf: the pole row trains
+    loss, flags = torch.empty(2, device=DEVICE), torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    grad = empty_rows_like(pred)
+    loss_kernels.ambient_loss_fwd(loss, grad, pred, y_t, y_tmin, sigma, sigma_min, torch.zeros_like(sigma), None, cfg,
+                                  flags=flags)
+    assert flags.tolist() == [1, 1 | 1024] and torch.isfinite(loss).all()

@@ -263,7 +263,8 @@ def _ambient_loss_fwd_kernel(
         grad = (r * grad_scale[:, None]).to(grad_ptr.dtype.element_ty)
         store_tile(grad_ptr, rows, cols, stride_grad, mask, grad)
         if CHECK:
-            flags |= tl.where(_row_nonfinite(tl.where(mask, grad.to(r.dtype), 0.0)), FLAG_GRAD, 0)
+            grad_bad = _row_nonfinite(tl.where(mask, grad.to(r.dtype), 0.0))
+            flags |= tl.where(grad_bad & (flags <= FLAG_TRAINED), FLAG_GRAD, 0)
     row_sum = tl.sum(r * r, axis=1)
     if SPLIT:
         tl.store(partial_ptr + rows * tl.num_programs(1) + tl.program_id(1), row_sum, mask=row_ok)
@@ -273,7 +274,7 @@ def _ambient_loss_fwd_kernel(
         loss = tl.where(trained, w * div_rn(row_sum, n), 0.0)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         if CHECK:
-            flags |= tl.where(trained & (~_finite(loss)), FLAG_LOSS, 0)
+            flags |= tl.where(trained & (~_finite(loss)) & (flags <= FLAG_TRAINED), FLAG_LOSS, 0)
             tl.store(flags_ptr + rows, flags, mask=row_ok)
 
 
@@ -326,7 +327,7 @@ def _ambient_loss_fwd_reduce_kernel(
     tl.store(loss_ptr + rows, loss, mask=row_ok)
     if CHECK:
         flags = tl.load(flags_ptr + rows, mask=row_ok, other=0)
-        flags |= tl.where(trained & (~_finite(loss)), FLAG_LOSS, 0)
+        flags |= tl.where(trained & (~_finite(loss)) & (flags <= FLAG_TRAINED), FLAG_LOSS, 0)
         tl.store(flags_ptr + rows, flags, mask=row_ok)
 
 
