@@ -749,7 +749,8 @@ class _FusedLoss(torch.autograd.Function):
             return (None,) * 12
         (grad,) = ctx.saved_tensors
         if ctx.reduced:
-            if float(upstream) == 1.0:
+            capturing = upstream.is_cuda and torch.cuda.is_current_stream_capturing()
+            if not capturing and float(upstream) == 1.0:
                 return (grad,) + (None,) * 11
             return (torch.mul(grad, upstream, out=torch.empty_like(grad)),) + (None,) * 11
         return (_scale_rows(grad, upstream),) + (None,) * 11
