@@ -7,8 +7,8 @@ On CUDA the fused column is the Triton kernel, on CPU the C++ kernel.
 Usage::
 
     python benchmarks/bench_kernels.py --out benchmarks/results/kernels_gpu.md           # CUDA
-    python benchmarks/bench_kernels.py --out /tmp/k.md --op loss --dtype fp32 --rounds 31  # any option of
-                                                                                           # `bench kernels`
+    python benchmarks/bench_kernels.py --out /tmp/k.md --op loss --dtype fp32 --rounds 31  # any `bench kernels` option
+    python benchmarks/bench_kernels.py --smoke --out /tmp/k.md                              # sanity run
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ def report(argv: list[str]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], add_help=False)
     parser.add_argument("--out", required=True, help="markdown file to write")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, few rounds, no compile (sanity run)")
     known, rest = parser.parse_known_args()
+    if known.smoke:
+        rest = ["--shape", "3,3,8,8", "--dtype", "fp32", "--rounds", "3", "--warmup", "1", "--no-compile", *rest]
     text = report(rest)
     with open(known.out, "w") as f:
         f.write(text)

@@ -470,3 +470,26 @@ def test_public_loss_names_a_nan_in_a_row_that_does_not_train():
     clean = [0, 7]
     with pytest.raises(ValueError, match=r"pred: non-finite value \(NaN or Inf\) in sample 1"):
         ambient_fast.ambient_loss(pred[clean], y_t[clean], y_tmin[clean], sigma[clean], sigma_min[clean], backend="cpp")
+
+
+# ---- ambient-fast bench kernels (issue 15, item 6) ------------------------------------
+
+
+def test_bench_kernels_command_reports_every_impl_as_json(capsys):
+    import json
+
+    from ambient_fast.cli import main
+
+    code = main(["bench", "kernels", "--op", "loss,euler", "--shape", "2,3,4,4", "--dtype", "fp32",
+                 "--rounds", "2", "--warmup", "0", "--no-compile", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {(r["op"], r["phase"], r["impl"]): r for r in result["rows"]}
+    assert set(rows) == {(op, phase, impl) for op, phase in (("loss", "fwd"), ("loss", "fwd+bwd"), ("euler", "fwd"))
+                         for impl in ("fused", "eager")}
+    loss = rows[("loss", "fwd+bwd", "fused")]
+    assert loss["shape"] == [2, 3, 4, 4] and loss["bytes"] == 4 * 2 * 48 * 4 and loss["gbps"] > 0
+    assert rows[("loss", "fwd", "eager")]["vs_eager"] == 1.0
+    with pytest.raises(SystemExit):
+        main(["bench", "kernels", "--shape", "3,4"])
+    assert "expected C,H,W or B,C,H,W" in capsys.readouterr().err
