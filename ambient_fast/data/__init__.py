@@ -26,11 +26,18 @@ Annotations (``annotations.jsonl``, anchors' format) [2]
 Writing versions [5, 6]
     ``DatasetWriter(root, format, *, parent=None, creator=, params=None, image_ext=".png",
     jpeg_quality=95, tensor_container="safetensors", resume=False)``:
-        ``write_chunk(samples) -> int`` (atomic, resumable), ``completed_keys``,
-        ``close(extra=None, info=None) -> Path`` (sidecar, ``dataset.json``, manifest last).
+        ``write_chunk(samples, *, chunk=None, note=None) -> int`` (atomic, resumable; explicit
+        chunk numbers let several processes write one version), ``completed_keys``,
+        ``committed``, ``reload()``, ``DatasetWriter.stored_params(root)``,
+        ``close(extra=None, info=None, timestamp=True, extra_files=None) -> Path`` (sidecar,
+        ``dataset.json``, manifest last).
     ``write_dataset(root, format, samples, *, chunk_size=1024, **writer_kwargs) -> Path``
-    ``verify_version(path) -> manifest`` (checksums)
+    ``verify_version(path, *, check_images=True) -> manifest`` (checksums; every image's
+    header and end marker)
     ``to_uint8_image(x (C, H, W) in [-1, 1]) -> uint8 (H, W, C)``
+    ``probe_image(bytes, where) -> ImageInfo(codec, width, height, channels)`` (PNG, JPEG,
+    WebP headers and end markers, no decode), ``decode_image(bytes, where, channels)``,
+    ``encode_image(uint8 (H, W, C), ".png"|".jpg"|".webp", jpeg_quality=, webp_quality=)``
 
 Corruptions
     ``corrupt_dataset(source, dest, corruption, *, fraction, seed=0, sigma_min=None,
@@ -66,7 +73,7 @@ Errors (all ``DatasetError``, a ``ValueError``): ``UnsafePathError``,
 ``DatasetFormatError``, ``AnnotationError``, ``BadSampleError(where, reason)``.
 """
 
-from ._io import to_uint8_image
+from ._io import ImageInfo, decode_image, encode_image, probe_image, to_uint8_image
 from .annotations import (
     SIDECAR_NAME,
     format_annotations,
@@ -119,6 +126,7 @@ __all__ = [
     "DatasetFormatError",
     "DatasetTensors",
     "DatasetWriter",
+    "ImageInfo",
     "Sample",
     "TorchBatchLoader",
     "UnsafePathError",
@@ -128,7 +136,9 @@ __all__ = [
     "corrupt_dataset",
     "corruption_sigma_min",
     "dali_available",
+    "decode_image",
     "demo_dataset",
+    "encode_image",
     "downsample_upsample",
     "export_digits",
     "format_annotations",
@@ -140,6 +150,7 @@ __all__ = [
     "make_torch_loader",
     "open_dataset",
     "parse_annotations",
+    "probe_image",
     "random_mask",
     "read_annotations",
     "select_corrupted",
