@@ -91,6 +91,11 @@ class Conditioning:
         """Copy ``source`` into these tensors in place (same structure and shapes)."""
         _map_tree(lambda dst, src: dst.copy_(src), self.kwargs, source.kwargs)
 
+    def copy_rows_(self, source: Conditioning, start: int) -> None:
+        """Copy ``source`` into rows ``start : start + source.batch_size`` in place."""
+        rows = source.batch_size
+        _map_tree(lambda dst, src: dst[start : start + rows].copy_(src), self.kwargs, source.kwargs)
+
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
         """Concatenate along the batch: rows of ``parts[0]``, then ``parts[1]``, ..."""

@@ -60,13 +60,19 @@ class GuidedDenoiser:
         """``w == 1``: the conditional model alone."""
         return self.guidance_scale == 1.0
 
-    def update(self, cond: Conditioning, uncond: Conditioning) -> None:
-        """Copy the next batch's conditioning into the static tensors (same shapes)."""
-        if cond.batch_size != self.batch_size or uncond.batch_size != self.batch_size:
-            raise ValueError(
-                f"update: the closure holds {self.batch_size} rows, got {cond.batch_size} and {uncond.batch_size}"
-            )
-        self.conditioning.copy_(cond if self.unguided else Conditioning.cat([cond, uncond]))
+    def update(self, cond: Conditioning, uncond: Conditioning | None = None) -> None:
+        """Copy the next batch's conditioning into the static tensors (same shapes).
+
+        ``uncond=None`` replaces the conditional rows only (the unconditional rows stay: the
+        restoration engine's batches share one image size, so those rows never change).
+        """
+        rows = [cond.batch_size] + ([] if uncond is None else [uncond.batch_size])
+        if any(n != self.batch_size for n in rows):
+            raise ValueError(f"update: the closure holds {self.batch_size} rows, got {rows}")
+        if uncond is None or self.unguided:
+            self.conditioning.copy_rows_(cond, 0)
+        else:
+            self.conditioning.copy_(Conditioning.cat([cond, uncond]))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.unguided:
