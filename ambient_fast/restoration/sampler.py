@@ -40,18 +40,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import torch
 
 from ..core.noise import STREAM_NATURE, STREAM_RESTORE, STREAM_STEP, derive_seeds, sample_normal
 from ..kernels.dispatch import REFERENCE, Backend, step_backend
-from ..samplers.restore import RESTORE_SIGMA_FLOOR
-from .grid import GLOBAL_SIGMA_MAX, Grid, grid_table
+from ..samplers.restore import RESTORE_SIGMA_FLOOR, restoration_grid
 
 __all__ = [
     "Codec",
-    "DeviceStages",
     "IMAGE_UINT8",
     "float_codec",
     "CompileMode",
@@ -103,39 +101,6 @@ def float_codec(dtype: torch.dtype) -> Codec:
     if dtype not in (torch.float16, torch.float32, torch.float64):
         raise ValueError(f"float storage must be float16, float32 or float64, got {dtype}")
     return Codec("float", dtype)
-
-
-class DeviceStages(Protocol):
-    """Device work around the captured loop (the latent path: VAE + text encoder; SPEC 5).
-
-    With stages, the loop starts from the static model-space input ``x0`` (``(B,
-    *model_shape)``, state dtype) instead of decoding ``raw_in`` itself, and ends in a static
-    model-space output that :meth:`finish` turns into the storage dtype. Per batch, on CUDA:
-    :meth:`prepare` runs on the copy stream right after the H2D copy, into staging slot
-    ``k`` (two slots: batch j+1 is prepared while batch j replays); :meth:`load` copies slot
-    ``k`` into the graph's static inputs on the compute stream; the loop replays;
-    :meth:`finish` runs on the compute stream. On CPU all four run in order, one slot.
-    Every method only enqueues device work (no host sync), so nothing here stalls the device.
-    """
-
-    model_shape: tuple[int, ...]  # per-sample shape of the sampler state (e.g. latents (C, h, w))
-
-    def new_slot(self) -> Any:
-        """Device buffers of one staging slot (what :meth:`prepare` fills)."""
-        ...
-
-    def prepare(self, raw: torch.Tensor, seeds: torch.Tensor, context: Any, slot: Any) -> None:
-        """``raw (B, *sample_shape)`` storage dtype and ``seeds (B,)`` on the device, ``context``
-        the batch's host data (:attr:`HostBatch.context`) -> ``slot``."""
-        ...
-
-    def load(self, slot: Any, x0: torch.Tensor) -> None:
-        """Copy ``slot`` into the loop's static inputs: ``x0 (B, *model_shape)`` and any of its own."""
-        ...
-
-    def finish(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Model-space result ``x (B, *model_shape)`` -> ``out (B, *sample_shape)`` storage dtype."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -192,7 +157,6 @@ class HostBatch:
     out: torch.Tensor  # (B, *shape) storage dtype: restored samples
     count: int = 0
     ready: torch.cuda.Event | None = None
-    context: Any = None  # per-batch host data for DeviceStages.prepare (latent path: captions in row order)
 
     def wait(self) -> None:
         """Block the calling thread until ``out`` holds this batch's result."""
@@ -211,8 +175,6 @@ def fill_host_batch(
     training_noise_seed: int = 0,
     rho: float = 7.0,
     sigma_floor: float = RESTORE_SIGMA_FLOOR,
-    grid: Grid = "per_sample",
-    sigma_max: float = GLOBAL_SIGMA_MAX,
 ) -> None:
     """Fill the per-sample levels and seeds of ``batch`` for ``n`` samples (SPEC 5).
 
@@ -223,8 +185,7 @@ def fill_host_batch(
         sample_ids: int ``(n,)`` dataset indices (seeds derive from ``(seed, id)``).
         sigma_min: ``(n,)`` start levels (> 0).
         sigma_out: common stop level (0: integrate to the data).
-        num_steps, rho, sigma_floor, grid, sigma_max: the grid (:func:`.grid.grid_table`; the
-            table width is the batch's, ``K + 1``).
+        num_steps, rho, sigma_floor: the grid (:func:`~ambient_fast.samplers.restore.restoration_grid`).
         seed: run seed of the restoration noise; training_noise_seed: the training's
             ``noise_seed`` (for ``start_noise="training"``, as in ``noisy_pair``).
     """
@@ -234,16 +195,7 @@ def fill_host_batch(
     sm = sigma_min.to(torch.float64)
     batch.count = n
     batch.sigma_start[:n] = sm
-    batch.table[:n] = grid_table(
-        sm,
-        sigma_out,
-        num_steps,
-        batch.table.shape[1] - 1,
-        grid=grid,
-        rho=rho,
-        sigma_floor=sigma_floor,
-        sigma_max=sigma_max,
-    )
+    batch.table[:n] = restoration_grid(sm, torch.full_like(sm, sigma_out), num_steps, rho=rho, sigma_floor=sigma_floor)
     batch.seeds[:n] = derive_seeds(sample_ids, seed)
     batch.start_seeds[:n] = derive_seeds(sample_ids, training_noise_seed)
     for t in (batch.raw, batch.sigma_start, batch.table, batch.seeds, batch.start_seeds):
@@ -262,8 +214,6 @@ class RestorationSampler:
         config: :class:`SamplerConfig`.
         codec: storage <-> model space (:data:`IMAGE_UINT8` or :func:`float_codec`).
         device: where to run.
-        stages: device stages around the loop (:class:`DeviceStages`; the latent path), or
-            None (the loop decodes ``raw`` with ``codec`` itself).
     """
 
     def __init__(
@@ -275,7 +225,6 @@ class RestorationSampler:
         *,
         codec: Codec = IMAGE_UINT8,
         device: torch.device | str = "cpu",
-        stages: DeviceStages | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -299,13 +248,6 @@ class RestorationSampler:
         self.seeds = torch.zeros(batch_size, dtype=torch.int64, device=dev)
         self.start_seeds = torch.zeros(batch_size, dtype=torch.int64, device=dev)
         self.raw_out = torch.zeros((batch_size, *self.sample_shape), dtype=codec.dtype, device=dev)
-        # Device stages (latent path): the loop reads x0_in and writes x_out, in model space.
-        self.stages = stages
-        self.state_shape = tuple(int(s) for s in stages.model_shape) if stages is not None else self.sample_shape
-        if stages is not None:
-            self.x0_in = torch.zeros((batch_size, *self.state_shape), dtype=config.state_dtype, device=dev)
-            self.x_out = torch.zeros_like(self.x0_in)
-            self._stage_slots = [stages.new_slot() for _ in range(2 if self.cuda else 1)]
         self._steps = self._build_steps()
         self.graph: torch.cuda.CUDAGraph | None = None
         if self.cuda:
@@ -361,14 +303,14 @@ class RestorationSampler:
     def _start(self) -> torch.Tensor:
         """``x = y0 + sigma_min eps`` (SPEC 5 step 1) in the state dtype."""
         cfg = self.config
-        y0 = self.x0_in if self.stages is not None else self.codec.to_model(self.raw_in, cfg.state_dtype)
+        y0 = self.codec.to_model(self.raw_in, cfg.state_dtype)
         if cfg.start_noise == "none":
             return y0
         seeds, stream = (
             (self.seeds, STREAM_RESTORE) if cfg.start_noise == "fresh" else (self.start_seeds, STREAM_NATURE)
         )
-        eps = sample_normal(seeds, self.state_shape, stream=stream, dtype=cfg.state_dtype)
-        view = (-1,) + (1,) * len(self.state_shape)
+        eps = sample_normal(seeds, self.sample_shape, stream=stream, dtype=cfg.state_dtype)
+        view = (-1,) + (1,) * len(self.sample_shape)
         return y0 + self.sigma_start.to(cfg.state_dtype).view(view) * eps
 
     def _trajectory(self) -> None:
@@ -381,16 +323,13 @@ class RestorationSampler:
                 torch.compiler.cudagraph_mark_step_begin()
             t_cur, t_next = self.table[i], self.table[i + 1]
             if cfg.method == "stochastic":
-                noise = sample_normal(self.seeds, self.state_shape, stream=STREAM_STEP + i, dtype=cfg.state_dtype)
+                noise = sample_normal(self.seeds, self.sample_shape, stream=STREAM_STEP + i, dtype=cfg.state_dtype)
                 x = step(x, t_cur, t_next, noise)
             else:
                 x = step(x, t_cur, t_next)
             if mark_step:
                 x = x.clone()  # CUDA-graph trees reuse a step's output memory on its next replay
-        if self.stages is not None:
-            self.x_out.copy_(x)
-        else:
-            self.raw_out.copy_(self.codec.from_model(x))
+        self.raw_out.copy_(self.codec.from_model(x))
 
     def _capture(self) -> None:
         """Warm up on a side stream (lazy init, autotuning, compilation), then capture."""
@@ -409,12 +348,10 @@ class RestorationSampler:
     def _run(self) -> None:
         if not self.use_graph:
             self._trajectory()
-        else:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-        if self.stages is not None:
-            self.stages.finish(self.x_out, self.raw_out)
+            return
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
 
     # ------------------------------------------------------------------ host <-> device
     def _device_inputs(self) -> tuple[torch.Tensor, ...]:
@@ -468,9 +405,6 @@ class RestorationSampler:
         host = (batch.raw, batch.sigma_start, batch.table, batch.seeds, batch.start_seeds)
         if not self.cuda:
             self._load_static(*host)
-            if self.stages is not None:
-                self.stages.prepare(self.raw_in, self.seeds, batch.context, self._stage_slots[0])
-                self.stages.load(self._stage_slots[0], self.x0_in)
             self._run()
             batch.out.copy_(self.raw_out)
             batch.ready = None
@@ -482,14 +416,10 @@ class RestorationSampler:
             self._copy_stream.wait_event(self._consumed[k])  # the replay two batches ago read it
             for dev, src in zip(staging, host, strict=True):
                 dev.copy_(src, non_blocking=True)
-            if self.stages is not None:
-                self.stages.prepare(staging[0], staging[3], batch.context, self._stage_slots[k])
             self._copied[k].record(self._copy_stream)
         with torch.cuda.stream(self._stream):  # whatever the caller's current stream is
             self._stream.wait_event(self._copied[k])
             self._load_static(*staging)
-            if self.stages is not None:
-                self.stages.load(self._stage_slots[k], self.x0_in)
             self._consumed[k].record(self._stream)
             self._run()
             batch.out.copy_(self.raw_out, non_blocking=True)
@@ -507,20 +437,13 @@ class RestorationSampler:
         training_noise_seed: int = 0,
         rho: float = 7.0,
         sigma_floor: float = RESTORE_SIGMA_FLOOR,
-        grid: Grid = "per_sample",
-        grid_steps: int | None = None,
-        sigma_max: float = GLOBAL_SIGMA_MAX,
-        context: Any = None,
     ) -> torch.Tensor:
         """Synchronous convenience: restore ``n <= B`` stored samples, return ``(n, *shape)``.
 
-        ``raw`` is in the storage dtype; ``sigma_min > sigma_out`` for every row; ``context``
-        the batch's host data for the stages (latent path: ``n`` captions). The dataset
-        engine uses :meth:`submit` instead (asynchronous, reused host buffers). ``grid``:
-        see :mod:`.grid`; ``grid_steps`` is its ``num_steps`` (default: the loop's ``K``).
+        ``raw`` is in the storage dtype; ``sigma_min > sigma_out`` for every row. The
+        dataset engine uses :meth:`submit` instead (asynchronous, reused host buffers).
         """
         batch = self.new_host_batch()
-        batch.context = context
         n = raw.shape[0]
         if n > self.batch_size or tuple(raw.shape[1:]) != self.sample_shape:
             raise ValueError(f"raw: expected (<= {self.batch_size}, *{self.sample_shape}), got {tuple(raw.shape)}")
@@ -530,13 +453,11 @@ class RestorationSampler:
             sample_ids,
             sigma_min,
             sigma_out=sigma_out,
-            num_steps=self.config.num_steps if grid_steps is None else grid_steps,
+            num_steps=self.config.num_steps,
             seed=seed,
             training_noise_seed=training_noise_seed,
             rho=rho,
             sigma_floor=sigma_floor,
-            grid=grid,
-            sigma_max=sigma_max,
         )
         self.submit(batch)
         batch.wait()
