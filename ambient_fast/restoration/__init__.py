@@ -17,11 +17,14 @@ from .checkpoint import DenoiserConfig, load_denoiser, read_denoiser_config, sav
 from .dataset import RestoreOptions, RestorePlan, RestoreReport, restore_dataset, staging_folder
 from .io import RestoreSource, open_source
 from .journal import ArgumentsChanged
-from .sampler import IMAGE_UINT8, Codec, HostBatch, RestorationSampler, SamplerConfig, float_codec
+from .sampler import HostBatch, RestorationSampler, SamplerConfig
+from .stages import IMAGE_UINT8, DeviceCodec, GridSpec, Stages, float_codec
 
 __all__ = [
     "ArgumentsChanged",
-    "Codec",
+    "DeviceCodec",
+    "GridSpec",
+    "Stages",
     "DenoiserConfig",
     "HostBatch",
     "IMAGE_UINT8",

@@ -30,9 +30,10 @@ from .checkpoint import file_sha256, load_denoiser, module_fingerprint
 from .distributed import RankContext
 from .io import RestoreSource, open_source
 from .journal import RunDir, staging_dir
-from .pipeline import GridSpec, Shard, ShardExecutor, plan_shards
+from .pipeline import Shard, ShardExecutor, plan_shards
 from .publish import publish_version
-from .sampler import COMPILE_MODES, METHODS, START_NOISE, Codec, RestorationSampler, SamplerConfig
+from .sampler import COMPILE_MODES, METHODS, START_NOISE, RestorationSampler, SamplerConfig
+from .stages import DeviceCodec, GridSpec
 
 __all__ = ["RestoreOptions", "RestorePlan", "RestoreReport", "restore_dataset", "PRECISIONS", "STATE_DTYPES"]
 
@@ -132,7 +133,7 @@ class RestorePlan:
     new_sigma_min: np.ndarray  # (N,) float64 annotations of the new version
     new_sigma_max: np.ndarray  # (N,) float64
     sample_shape: tuple[int, ...]  # of the restored samples
-    codec: Codec | None  # storage of the restored samples (None: nothing to restore)
+    codec: DeviceCodec | None  # storage of the restored samples (None: nothing to restore)
     shards: list[Shard]
 
     @classmethod
@@ -481,20 +482,16 @@ def _run_shards(
         sampler = RestorationSampler(
             model, plan.sample_shape, options.batch_size, config, codec=plan.codec, device=device
         )
-    grid = GridSpec(
-        options.sigma_out,
-        options.num_steps,
-        options.seed,
-        options.training_noise_seed,
-        options.rho,
-        options.sigma_floor,
-    )
+    grid = GridSpec("per_sample", options.num_steps, options.sigma_out, options.rho, options.sigma_floor)
     executor = ShardExecutor(
         sampler,
         source,
         run_dir,
         ctx.rank,
         grid,
+        source.stages(int(plan.restore[0])) if len(plan.restore) else None,
+        seed=options.seed,
+        training_noise_seed=options.training_noise_seed,
         packed=source.format != "folder",  # type: ignore[arg-type]
         num_workers=num_workers,
         on_progress=on_progress,

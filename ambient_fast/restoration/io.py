@@ -26,7 +26,7 @@ import torch
 from ..data import SIDECAR_NAME, Dataset, DatasetFormatError, open_dataset
 from ..data._io import encode_image, file_ext
 from ..data.dataset import MANIFEST_NAME
-from .sampler import IMAGE_UINT8, Codec, float_codec
+from .stages import IMAGE_UINT8, DeviceCodec, Stages, float_codec, npy_bytes
 
 __all__ = ["RestoreSource", "open_source"]
 
@@ -56,7 +56,7 @@ class RestoreSource:
     def is_image(self) -> bool:
         return bool(self.dataset.is_image)
 
-    def sample_layout(self, index: int) -> tuple[tuple[int, ...], Codec]:
+    def sample_layout(self, index: int) -> tuple[tuple[int, ...], DeviceCodec]:
         """Shape and storage codec of restored sample ``index`` (all restored samples share it)."""
         if self.is_image:
             if file_ext(self.keys[index]) in (".jpg", ".jpeg") or self.dataset.probe(index).codec == "jpeg":
@@ -100,6 +100,21 @@ class RestoreSource:
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(restored), allow_pickle=False)
         return buffer.getvalue()
+
+    def stages(self, index: int) -> Stages:
+        """The pixel / tensor :class:`~.stages.Stages` of this source (``index``: a restored sample)."""
+        shape, codec = self.sample_layout(index)
+
+        def encode_output(i: int, outputs: dict[str, np.ndarray]):
+            if self.is_image:
+                return self.encode(i, outputs["sample"]), None, {}
+            return None, np.array(outputs["sample"]), {}
+
+        return Stages(codec, shape, self.read_into, encode_output, {"codec": "png" if self.is_image else "array"})
+
+    @staticmethod
+    def npy(array: np.ndarray) -> bytes:
+        return npy_bytes(array)
 
     def decode_restored(self, payload: bytes) -> np.ndarray:
         """Inverse of :meth:`encode` for tensor rows (images are passed on as bytes)."""

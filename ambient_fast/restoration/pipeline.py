@@ -35,8 +35,9 @@ import torch
 from .io import RestoreSource
 from .journal import FileRecord, RunDir
 from .sampler import HostBatch, RestorationSampler, fill_host_batch
+from .stages import GridSpec, Stages
 
-__all__ = ["Shard", "GridSpec", "ShardExecutor", "plan_shards", "pack_name"]
+__all__ = ["Shard", "ShardExecutor", "plan_shards", "pack_name"]
 
 SLOTS = 4  # host batches in flight: one being decoded, two queued on the device, one being written
 _POLL = 0.05  # seconds between checks of the stop flag while blocked on a queue
@@ -62,18 +63,6 @@ def plan_shards(restore: np.ndarray, copy: np.ndarray, shard_size: int, copy_sha
         for k, start in enumerate(range(0, len(copy), copy_shard_size))
     ]
     return shards
-
-
-@dataclass(frozen=True)
-class GridSpec:
-    """Per-sample level table and seeds of a batch (arguments of :func:`fill_host_batch`)."""
-
-    sigma_out: float
-    num_steps: int
-    seed: int
-    training_noise_seed: int
-    rho: float
-    sigma_floor: float
 
 
 @dataclass
@@ -119,12 +108,16 @@ class ShardExecutor:
         run_dir: RunDir,
         rank: int,
         grid: GridSpec,
+        stages: Stages,
         *,
+        seed: int = 0,
+        training_noise_seed: int = 0,
         packed: bool = False,
         num_workers: int = 4,
         on_progress: Callable[[int, str], None] | None = None,
     ) -> None:
         self.sampler, self.source, self.run_dir, self.rank, self.grid = sampler, source, run_dir, rank, grid
+        self.stages, self.seed, self.training_noise_seed = stages, seed, training_noise_seed
         self.packed = packed
         self.num_workers = max(1, num_workers)
         self.on_progress = on_progress or (lambda n, kind: None)
@@ -172,18 +165,16 @@ class ShardExecutor:
                     return
                 indices = shard.indices[start : start + batch_size]
                 raw = slot.raw.numpy()
-                for future in [pool.submit(self.source.read_into, int(i), raw[j]) for j, i in enumerate(indices)]:
+                for future in [pool.submit(self.stages.read_into, int(i), raw[j]) for j, i in enumerate(indices)]:
                     future.result()
+                slot.context = self.stages.prepare(indices)
                 fill_host_batch(
                     slot,
                     torch.from_numpy(indices),
                     torch.from_numpy(self.source.sigma_min[indices]),
-                    sigma_out=self.grid.sigma_out,
-                    num_steps=self.grid.num_steps,
-                    seed=self.grid.seed,
-                    training_noise_seed=self.grid.training_noise_seed,
-                    rho=self.grid.rho,
-                    sigma_floor=self.grid.sigma_floor,
+                    grid=self.grid,
+                    seed=self.seed,
+                    training_noise_seed=self.training_noise_seed,
                 )
                 if not self._put(ready, _Batch(shard, indices, slot)):
                     return
@@ -207,10 +198,12 @@ class ShardExecutor:
                 pool.submit(self._guarded, self._write_rows, batch, rows, states, free)
 
     def _write_rows(self, batch: _Batch, rows: range, states: dict[str, _ShardState], free: queue.Queue) -> None:
-        out = batch.slot.out.numpy()
-        payloads = [
-            (self.source.keys[int(batch.indices[j])], self.source.encode(int(batch.indices[j]), out[j])) for j in rows
-        ]
+        outs = {name: t.numpy() for name, t in batch.slot.outputs.items()}
+        payloads = []
+        for j in rows:
+            index = int(batch.indices[j])
+            data, array, _ = self.stages.encode_output(index, {name: o[j] for name, o in outs.items()})
+            payloads.append((self.source.keys[index], data if data is not None else self.source.npy(array)))
         records = [] if self.packed else [self.run_dir.write_file(key, data) for key, data in payloads]
         with self._lock:
             state = states[batch.shard.id]

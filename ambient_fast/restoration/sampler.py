@@ -40,18 +40,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from ..core.noise import STREAM_NATURE, STREAM_RESTORE, STREAM_STEP, derive_seeds, sample_normal
 from ..kernels.dispatch import REFERENCE, Backend, step_backend
-from ..samplers.restore import RESTORE_SIGMA_FLOOR, restoration_grid
+from ..samplers.restore import RESTORE_SIGMA_FLOOR
+from .stages import IMAGE_UINT8, DeviceCodec, GridSpec
 
 __all__ = [
-    "Codec",
-    "IMAGE_UINT8",
-    "float_codec",
     "CompileMode",
     "Method",
     "StartNoise",
@@ -67,40 +65,6 @@ CompileMode = Literal["none", "default", "max-autotune-no-cudagraphs", "reduce-o
 METHODS: tuple[str, ...] = ("heun", "euler", "stochastic")
 START_NOISE: tuple[str, ...] = ("fresh", "training", "none")
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead")
-
-
-@dataclass(frozen=True)
-class Codec:
-    """How stored samples map to model space and back, on the device.
-
-    ``uint8_image``: ``x = u8 / 127.5 - 1`` and ``u8 = clip(round(x * 127.5 + 127.5), 0, 255)``
-    (the project's convention, :func:`ambient_fast.data._io.to_uint8_image`; EDM truncates
-    ``x * 127.5 + 128``, which differs only on exact ties). ``float``: identity, stored as
-    ``dtype``.
-    """
-
-    kind: Literal["uint8_image", "float"]
-    dtype: torch.dtype  # storage dtype of inputs and outputs
-
-    def to_model(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if self.kind == "uint8_image":
-            return raw.to(dtype) / 127.5 - 1
-        return raw.to(dtype)
-
-    def from_model(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "uint8_image":
-            return (x * 127.5 + 127.5).round().clamp(0, 255).to(torch.uint8)
-        return x.to(self.dtype)
-
-
-IMAGE_UINT8 = Codec("uint8_image", torch.uint8)
-
-
-def float_codec(dtype: torch.dtype) -> Codec:
-    """Identity codec for tensors stored as ``dtype`` (float16/32/64) in model units."""
-    if dtype not in (torch.float16, torch.float32, torch.float64):
-        raise ValueError(f"float storage must be float16, float32 or float64, got {dtype}")
-    return Codec("float", dtype)
 
 
 @dataclass(frozen=True)
@@ -143,23 +107,29 @@ class SamplerConfig:
 
 @dataclass
 class HostBatch:
-    """One batch on the host: inputs filled by the reader, the output filled by the sampler.
+    """One batch on the host: inputs filled by the reader, the outputs filled by the sampler.
 
     Rows ``[count:]`` are padding (copies of row 0). Pinned when the sampler is on CUDA.
-    After :meth:`RestorationSampler.submit`, call :meth:`wait` before reading ``out``.
+    After :meth:`RestorationSampler.submit`, call :meth:`wait` before reading ``outputs``.
     """
 
-    raw: torch.Tensor  # (B, *shape) storage dtype: the stored samples y0
+    raw: torch.Tensor  # (B, *storage_shape) storage dtype: the stored samples y0
     sigma_start: torch.Tensor  # (B,) float64: sigma_min of each sample
-    table: torch.Tensor  # (B, K+1) float64: per-sample levels (restoration_grid)
+    table: torch.Tensor  # (B, K+1) float64: per-sample levels (GridSpec.table)
     seeds: torch.Tensor  # (B,) int64: per-sample seeds for the start and step noise
     start_seeds: torch.Tensor  # (B,) int64: seeds of the training's frozen noise (start_noise="training")
-    out: torch.Tensor  # (B, *shape) storage dtype: restored samples
+    outputs: dict[str, torch.Tensor]  # name -> (B, *shape): DeviceCodec.outputs, "sample" = restored rows
+    context: Any = None  # Stages.prepare's per-batch host context, handed to DeviceCodec.encode
     count: int = 0
     ready: torch.cuda.Event | None = None
 
+    @property
+    def out(self) -> torch.Tensor:
+        """``(B, *storage_shape)`` restored samples (the ``"sample"`` output)."""
+        return self.outputs["sample"]
+
     def wait(self) -> None:
-        """Block the calling thread until ``out`` holds this batch's result."""
+        """Block the calling thread until ``outputs`` hold this batch's result."""
         if self.ready is not None:
             self.ready.synchronize()
 
@@ -169,12 +139,9 @@ def fill_host_batch(
     sample_ids: torch.Tensor,
     sigma_min: torch.Tensor,
     *,
-    sigma_out: float,
-    num_steps: int,
+    grid: GridSpec,
     seed: int,
     training_noise_seed: int = 0,
-    rho: float = 7.0,
-    sigma_floor: float = RESTORE_SIGMA_FLOOR,
 ) -> None:
     """Fill the per-sample levels and seeds of ``batch`` for ``n`` samples (SPEC 5).
 
@@ -184,8 +151,7 @@ def fill_host_batch(
     Args:
         sample_ids: int ``(n,)`` dataset indices (seeds derive from ``(seed, id)``).
         sigma_min: ``(n,)`` start levels (> 0).
-        sigma_out: common stop level (0: integrate to the data).
-        num_steps, rho, sigma_floor: the grid (:func:`~ambient_fast.samplers.restore.restoration_grid`).
+        grid: the levels (:class:`~.stages.GridSpec`); the table width fixes K.
         seed: run seed of the restoration noise; training_noise_seed: the training's
             ``noise_seed`` (for ``start_noise="training"``, as in ``noisy_pair``).
     """
@@ -195,7 +161,7 @@ def fill_host_batch(
     sm = sigma_min.to(torch.float64)
     batch.count = n
     batch.sigma_start[:n] = sm
-    batch.table[:n] = restoration_grid(sm, torch.full_like(sm, sigma_out), num_steps, rho=rho, sigma_floor=sigma_floor)
+    batch.table[:n] = grid.table(sm, batch.table.shape[1] - 1)
     batch.seeds[:n] = derive_seeds(sample_ids, seed)
     batch.start_seeds[:n] = derive_seeds(sample_ids, training_noise_seed)
     for t in (batch.raw, batch.sigma_start, batch.table, batch.seeds, batch.start_seeds):
@@ -206,24 +172,26 @@ class RestorationSampler:
     """Restores fixed-size batches ``(B, *shape)`` on one device (SPEC 5; see module doc).
 
     Args:
-        denoiser: EDM denoiser ``D(x, sigma) -> x0`` (``x`` ``(B, *shape)``, ``sigma``
-            ``(B,)`` float64), e.g. :class:`~ambient_fast.EDMPrecond`. Must be a pure function
-            of its inputs (eval mode, no host syncs) to be captured.
-        sample_shape: per-sample shape, e.g. ``(3, 32, 32)``.
+        denoiser: EDM denoiser ``D(x, sigma) -> x0`` (``x`` ``(B, *model_shape)``, ``sigma``
+            ``(B,)`` float64), e.g. :class:`~ambient_fast.EDMPrecond`; with a conditioning
+            codec, whatever :meth:`~.stages.DeviceCodec.wrap_denoiser` takes. Must be a pure
+            function of its inputs (eval mode, no host syncs) to be captured.
+        sample_shape: per-sample *storage* shape, e.g. ``(3, 32, 32)`` uint8 images.
         batch_size: ``B``, the static batch of the captured loop.
-        config: :class:`SamplerConfig`.
-        codec: storage <-> model space (:data:`IMAGE_UINT8` or :func:`float_codec`).
+        config: :class:`SamplerConfig` (``num_steps`` = K, the table width minus one).
+        codec: the device hooks (:class:`~.stages.DeviceCodec`: :data:`~.stages.IMAGE_UINT8`,
+            :func:`~.stages.float_codec`, or a latent codec).
         device: where to run.
     """
 
     def __init__(
         self,
-        denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        denoiser: Callable[..., torch.Tensor],
         sample_shape: tuple[int, ...],
         batch_size: int,
         config: SamplerConfig,
         *,
-        codec: Codec = IMAGE_UINT8,
+        codec: DeviceCodec = IMAGE_UINT8,
         device: torch.device | str = "cpu",
     ) -> None:
         if batch_size < 1:
@@ -236,18 +204,28 @@ class RestorationSampler:
             raise ValueError("cuda_graph=True needs a CUDA device")
         self.use_graph = self.cuda and config.compile != "reduce-overhead" and config.cuda_graph is not False
         self.config, self.codec = config, codec
-        self.denoiser = denoiser
         self.sample_shape = tuple(int(s) for s in sample_shape)
+        self.model_shape = tuple(int(s) for s in codec.model_shape(self.sample_shape))
         self.batch_size = batch_size
         k1 = config.num_steps + 1
         dev = self.device
         # Static device buffers: the only memory the captured loop reads and writes.
-        self.raw_in = torch.zeros((batch_size, *self.sample_shape), dtype=codec.dtype, device=dev)
+        self.raw_in = torch.zeros((batch_size, *self.sample_shape), dtype=codec.storage_dtype, device=dev)
+        self.y0 = torch.zeros((batch_size, *self.model_shape), dtype=config.state_dtype, device=dev)
+        self.cond = {
+            name: torch.zeros((batch_size, *shape), dtype=dtype, device=dev)
+            for name, (shape, dtype) in codec.conditioning(self.sample_shape).items()
+        }
         self.sigma_start = torch.ones(batch_size, dtype=torch.float64, device=dev)
         self.table = torch.ones(k1, batch_size, dtype=torch.float64, device=dev)
         self.seeds = torch.zeros(batch_size, dtype=torch.int64, device=dev)
         self.start_seeds = torch.zeros(batch_size, dtype=torch.int64, device=dev)
-        self.raw_out = torch.zeros((batch_size, *self.sample_shape), dtype=codec.dtype, device=dev)
+        self.x_out = torch.zeros((batch_size, *self.model_shape), dtype=config.state_dtype, device=dev)
+        self.outputs = {
+            name: torch.zeros((batch_size, *shape), dtype=dtype, device=dev)
+            for name, (shape, dtype) in codec.outputs(self.sample_shape).items()
+        }
+        self.denoiser = codec.wrap_denoiser(denoiser, self.cond)
         self._steps = self._build_steps()
         self.graph: torch.cuda.CUDAGraph | None = None
         if self.cuda:
@@ -303,14 +281,14 @@ class RestorationSampler:
     def _start(self) -> torch.Tensor:
         """``x = y0 + sigma_min eps`` (SPEC 5 step 1) in the state dtype."""
         cfg = self.config
-        y0 = self.codec.to_model(self.raw_in, cfg.state_dtype)
+        y0 = self.y0
         if cfg.start_noise == "none":
             return y0
         seeds, stream = (
             (self.seeds, STREAM_RESTORE) if cfg.start_noise == "fresh" else (self.start_seeds, STREAM_NATURE)
         )
-        eps = sample_normal(seeds, self.sample_shape, stream=stream, dtype=cfg.state_dtype)
-        view = (-1,) + (1,) * len(self.sample_shape)
+        eps = sample_normal(seeds, self.model_shape, stream=stream, dtype=cfg.state_dtype)
+        view = (-1,) + (1,) * len(self.model_shape)
         return y0 + self.sigma_start.to(cfg.state_dtype).view(view) * eps
 
     def _trajectory(self) -> None:
@@ -323,13 +301,13 @@ class RestorationSampler:
                 torch.compiler.cudagraph_mark_step_begin()
             t_cur, t_next = self.table[i], self.table[i + 1]
             if cfg.method == "stochastic":
-                noise = sample_normal(self.seeds, self.sample_shape, stream=STREAM_STEP + i, dtype=cfg.state_dtype)
+                noise = sample_normal(self.seeds, self.model_shape, stream=STREAM_STEP + i, dtype=cfg.state_dtype)
                 x = step(x, t_cur, t_next, noise)
             else:
                 x = step(x, t_cur, t_next)
             if mark_step:
                 x = x.clone()  # CUDA-graph trees reuse a step's output memory on its next replay
-        self.raw_out.copy_(self.codec.from_model(x))
+        self.x_out.copy_(x)
 
     def _capture(self) -> None:
         """Warm up on a side stream (lazy init, autotuning, compilation), then capture."""
@@ -345,19 +323,22 @@ class RestorationSampler:
         self._stream.wait_stream(side)
         self.graph = graph
 
-    def _run(self) -> None:
+    def _run(self, context: Any) -> None:
+        """Encode (eager), the loop (replayed graph or eager), decode (eager)."""
+        self.codec.encode(self.raw_in, context, self.y0, self.cond)
         if not self.use_graph:
             self._trajectory()
-            return
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+        self.codec.decode(self.x_out, self.outputs)
 
     # ------------------------------------------------------------------ host <-> device
     def _device_inputs(self) -> tuple[torch.Tensor, ...]:
         b, k1, dev = self.batch_size, self.config.num_steps + 1, self.device
         return (
-            torch.empty((b, *self.sample_shape), dtype=self.codec.dtype, device=dev),
+            torch.empty((b, *self.sample_shape), dtype=self.codec.storage_dtype, device=dev),
             torch.empty(b, dtype=torch.float64, device=dev),
             torch.empty(b, k1, dtype=torch.float64, device=dev),
             torch.empty(b, dtype=torch.int64, device=dev),
@@ -372,12 +353,12 @@ class RestorationSampler:
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
         return HostBatch(
-            raw=alloc((b, *self.sample_shape), self.codec.dtype),
+            raw=alloc((b, *self.sample_shape), self.codec.storage_dtype),
             sigma_start=alloc((b,), torch.float64),
             table=alloc((b, k1), torch.float64),
             seeds=alloc((b,), torch.int64),
             start_seeds=alloc((b,), torch.int64),
-            out=alloc((b, *self.sample_shape), self.codec.dtype),
+            outputs={name: alloc(tuple(t.shape), t.dtype) for name, t in self.outputs.items()},
         )
 
     def _load_static(
@@ -405,8 +386,9 @@ class RestorationSampler:
         host = (batch.raw, batch.sigma_start, batch.table, batch.seeds, batch.start_seeds)
         if not self.cuda:
             self._load_static(*host)
-            self._run()
-            batch.out.copy_(self.raw_out)
+            self._run(batch.context)
+            for name, out in batch.outputs.items():
+                out.copy_(self.outputs[name])
             batch.ready = None
             return
         k = self._slot
@@ -421,8 +403,9 @@ class RestorationSampler:
             self._stream.wait_event(self._copied[k])
             self._load_static(*staging)
             self._consumed[k].record(self._stream)
-            self._run()
-            batch.out.copy_(self.raw_out, non_blocking=True)
+            self._run(batch.context)
+            for name, out in batch.outputs.items():
+                out.copy_(self.outputs[name], non_blocking=True)
             batch.ready = torch.cuda.Event()
             batch.ready.record(self._stream)
 
@@ -437,28 +420,25 @@ class RestorationSampler:
         training_noise_seed: int = 0,
         rho: float = 7.0,
         sigma_floor: float = RESTORE_SIGMA_FLOOR,
+        grid: GridSpec | None = None,
+        context: Any = None,
     ) -> torch.Tensor:
         """Synchronous convenience: restore ``n <= B`` stored samples, return ``(n, *shape)``.
 
-        ``raw`` is in the storage dtype; ``sigma_min > sigma_out`` for every row. The
-        dataset engine uses :meth:`submit` instead (asynchronous, reused host buffers).
+        ``raw`` is in the storage dtype; ``sigma_min > sigma_out`` for every row. ``grid``
+        (default: the per-sample grid of ``num_steps`` points with ``sigma_out``, ``rho``,
+        ``sigma_floor``) must have ``config.num_steps`` steps. The dataset engine uses
+        :meth:`submit` instead (asynchronous, reused host buffers).
         """
         batch = self.new_host_batch()
         n = raw.shape[0]
         if n > self.batch_size or tuple(raw.shape[1:]) != self.sample_shape:
             raise ValueError(f"raw: expected (<= {self.batch_size}, *{self.sample_shape}), got {tuple(raw.shape)}")
         batch.raw[:n] = raw
-        fill_host_batch(
-            batch,
-            sample_ids,
-            sigma_min,
-            sigma_out=sigma_out,
-            num_steps=self.config.num_steps,
-            seed=seed,
-            training_noise_seed=training_noise_seed,
-            rho=rho,
-            sigma_floor=sigma_floor,
-        )
+        batch.context = context
+        if grid is None:
+            grid = GridSpec("per_sample", self.config.num_steps, sigma_out, rho, sigma_floor)
+        fill_host_batch(batch, sample_ids, sigma_min, grid=grid, seed=seed, training_noise_seed=training_noise_seed)
         self.submit(batch)
         batch.wait()
         return batch.out[:n].clone()
