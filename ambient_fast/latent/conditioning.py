@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["Conditioning", "CaptionEncoder", "LAYOUTS"]
+__all__ = ["Conditioning", "CaptionEncoder", "LAYOUTS", "Tokens"]
 
 LAYOUTS = ("single", "pixart", "sdxl")
 
@@ -91,10 +91,43 @@ class Conditioning:
         """Copy ``source`` into these tensors in place (same structure and shapes)."""
         _map_tree(lambda dst, src: dst.copy_(src), self.kwargs, source.kwargs)
 
-    def copy_rows_(self, source: Conditioning, start: int) -> None:
-        """Copy ``source`` into rows ``start : start + source.batch_size`` in place."""
-        rows = source.batch_size
-        _map_tree(lambda dst, src: dst[start : start + rows].copy_(src), self.kwargs, source.kwargs)
+    def flatten(self) -> dict[str, torch.Tensor]:
+        """``{"name": tensor, "parent/name": tensor, ...}``: every tensor by its path (``None`` skipped)."""
+        flat: dict[str, torch.Tensor] = {}
+
+        def walk(tree: Any, prefix: str) -> None:
+            for key, value in tree.items():
+                if isinstance(value, Mapping):
+                    walk(value, f"{prefix}{key}/")
+                elif value is not None:
+                    flat[f"{prefix}{key}"] = value
+
+        walk(self.kwargs, "")
+        return flat
+
+    def with_tensors(self, flat: Mapping[str, torch.Tensor]) -> Conditioning:
+        """The same structure with every tensor replaced by ``flat[path]`` (see :meth:`flatten`)."""
+
+        def build(tree: Any, prefix: str) -> Any:
+            return {
+                key: build(value, f"{prefix}{key}/") if isinstance(value, Mapping)
+                else (None if value is None else flat[f"{prefix}{key}"])
+                for key, value in tree.items()
+            }
+
+        return Conditioning(build(self.kwargs, ""))
+
+    def copy_rows_(self, source: Conditioning, start: int = 0, step: int = 1) -> None:
+        """Copy ``source``'s ``n`` rows into rows ``start, start + step, ...`` (``n`` of them) in place."""
+        stop = start + step * source.batch_size
+        _map_tree(lambda dst, src: dst[start:stop:step].copy_(src), self.kwargs, source.kwargs)
+
+    @staticmethod
+    def interleave(parts: Sequence[Conditioning]) -> Conditioning:
+        """Rows ``[parts[0][0], parts[1][0], ..., parts[0][1], parts[1][1], ...]`` (new tensors)."""
+        if not parts:
+            raise ValueError("Conditioning.interleave: nothing to interleave")
+        return Conditioning(_map_tree(lambda *ts: torch.stack(ts, dim=1).flatten(0, 1), *(p.kwargs for p in parts)))
 
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
@@ -102,6 +135,31 @@ class Conditioning:
         if not parts:
             raise ValueError("Conditioning.cat: nothing to concatenate")
         return Conditioning(_map_tree(lambda *ts: torch.cat(ts, dim=0), *(p.kwargs for p in parts)))
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Tokenised captions: per tokenizer, ``(ids, attention mask)`` int64 ``(B, L)`` (CPU)."""
+
+    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def rows(self) -> int:
+        return int(self.pairs[0][0].shape[0])
+
+    def select(self, start: int, stop: int) -> Tokens:
+        """Rows ``start:stop``."""
+        return Tokens(tuple((ids[start:stop], mask[start:stop]) for ids, mask in self.pairs))
+
+    def pad(self, rows: int) -> Tokens:
+        """``rows`` rows: these, then copies of row 0 (a static batch's padding)."""
+        extra = rows - self.rows
+        if extra < 0:
+            raise ValueError(f"{self.rows} token rows do not fit in {rows}")
+        return Tokens(
+            tuple((torch.cat([ids, ids[:1].expand(extra, -1)]), torch.cat([m, m[:1].expand(extra, -1)]))
+                  for ids, m in self.pairs)
+        )
 
 
 class CaptionEncoder:
@@ -166,27 +224,28 @@ class CaptionEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.text_encoders[0].parameters()).dtype
 
-    def _tokens(self, tokenizer: Any, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+    def tokenize(self, captions: Sequence[str]) -> Tokens:
+        """Host-side tokenisation: per tokenizer, int64 ``(ids (B, L), attention mask (B, L))`` on
+        the CPU (no device work, so it can run on a reader thread while the device samples)."""
+        pairs = []
+        for tokenizer in self.tokenizers:
+            batch = tokenizer(
+                list(captions), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )
+            pairs.append((batch.input_ids, batch.attention_mask))
+        return Tokens(tuple(pairs))
 
-    def _encode_text(self, captions: Sequence[str]) -> dict[str, Any]:
+    def _encode_text(self, tokens: Tokens) -> dict[str, Any]:
         """Text part of the conditioning for one encoder batch."""
+        device = self.device
         if self.layout == "sdxl":
             hidden, pooled = [], None
-            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-                ids, _ = self._tokens(tokenizer, captions)
-                out = encoder(ids, output_hidden_states=True)
+            for (ids, _), encoder in zip(tokens.pairs, self.text_encoders, strict=True):
+                out = encoder(ids.to(device), output_hidden_states=True)
                 hidden.append(out.hidden_states[-2])
                 pooled = out[0]
             return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
-        ids, mask = self._tokens(self.tokenizers[0], captions)
+        ids, mask = (t.to(device) for t in tokens.pairs[0])
         encoder = self.text_encoders[0]
         if self.layout == "pixart":
             hidden = encoder(ids, attention_mask=mask)[0]
@@ -196,10 +255,9 @@ class CaptionEncoder:
         return {"encoder_hidden_states": hidden}
 
     @torch.no_grad()
-    def _encode_batched(self, captions: Sequence[str]) -> dict[str, Any]:
-        chunks = [
-            self._encode_text(captions[i : i + self.batch_size]) for i in range(0, len(captions), self.batch_size)
-        ]
+    def _encode_batched(self, tokens: Tokens) -> dict[str, Any]:
+        rows = tokens.rows
+        chunks = [self._encode_text(tokens.select(i, i + self.batch_size)) for i in range(0, rows, self.batch_size)]
         return _map_tree(lambda *ts: torch.cat(ts, dim=0), *chunks)
 
     def _assemble(self, text: dict[str, Any], image_sizes: torch.Tensor) -> Conditioning:
@@ -219,9 +277,13 @@ class CaptionEncoder:
 
     def __call__(self, captions: Sequence[str], image_sizes: torch.Tensor) -> Conditioning:
         """Conditioning of ``B`` captions (one row each, in order); ``image_sizes`` ``(B, 2)``."""
-        if image_sizes.shape != (len(captions), 2):
-            raise ValueError(f"image_sizes: expected ({len(captions)}, 2), got {tuple(image_sizes.shape)}")
-        return self._assemble(self._encode_batched(captions), image_sizes)
+        return self.encode(self.tokenize(captions), image_sizes)
+
+    def encode(self, tokens: Tokens, image_sizes: torch.Tensor) -> Conditioning:
+        """Conditioning of ``B`` tokenised captions (:meth:`tokenize`); ``image_sizes`` ``(B, 2)``."""
+        if image_sizes.shape != (tokens.rows, 2):
+            raise ValueError(f"image_sizes: expected ({tokens.rows}, 2), got {tuple(image_sizes.shape)}")
+        return self._assemble(self._encode_batched(tokens), image_sizes)
 
     def unconditional(self, image_sizes: torch.Tensor) -> Conditioning:
         """The unconditional rows for a batch of ``image_sizes`` ``(B, 2)``.
@@ -229,7 +291,7 @@ class CaptionEncoder:
         The negative caption is encoded once and cached; its rows are broadcast copies.
         """
         if self._negative is None:
-            text = self._encode_batched([self.negative_caption])
+            text = self._encode_batched(self.tokenize([self.negative_caption]))
             if self.zero_unconditional:
                 text = _map_tree(lambda t: torch.zeros_like(t) if t.is_floating_point() else t, text)
             self._negative = Conditioning(text)

@@ -1,155 +1,232 @@
-"""Latent text-to-image restoration as device stages of the one engine (SPEC 5, ANCHORS 3.3).
+"""Latent text-to-image restoration as stages of the one engine (SPEC 5, ANCHORS 3.3).
 
-The latent path is the pixel path's :class:`~.sampler.RestorationSampler` -- the same
-captured K-step loop, per-sample grids and seeds, journal, ranks and writer -- with
-:class:`LatentStages` around the loop (the sampler's :class:`~.sampler.DeviceStages` hook)::
+The latent path is the pixel path's driver and :class:`~.sampler.RestorationSampler` --
+the same captured K-step loop, per-sample grids and seeds, journal, ranks and writer --
+with the :mod:`.stages` hooks filled in for a diffusers pipeline:
 
-    uint8 pixels (B, 3, H, W), captions (host)
-      -> prepare (copy stream, staging slot k of 2): VAE encode, compute dtype, batched
-         -> latents (B, C, h, w); the B captions -> text encoder -> conditional rows
-      -> load (compute stream): latents -> the loop's static x0; conditional rows -> the
-         guided denoiser's static conditioning (its unconditional rows are encoded once per
-         run and never change: one image size per run)
-      -> the captured loop: x0 + sigma_min eps, K guided steps; each network call is the
-         conditional and unconditional rows together (2B rows), the guidance combination
-         ``uncond + w (cond - uncond)`` inside the graph
-      -> finish (compute stream): VAE decode, quantise -> uint8 pixels -> PNG, written by the
-         driver like any restored image
+- host (:class:`LatentStages`, reader/writer threads): decode the image like the pixel
+  path (uint8 ``(3, H, W)``); per batch, read and tokenise the rows' captions (``key.txt``;
+  a sample to restore without one is refused by key); a restored row is written as PNG, plus
+  ``latent.npy`` when latents are stored.
+- device (:class:`LatentCodec`, compute stream, outside the graph): VAE encode of the uint8
+  rows in the VAE's compute dtype (bf16 on GPU), batched -> the static ``y0`` (scaled
+  latents); the text encoder over the batch's tokens -> the conditional rows of the static
+  conditioning buffers, the unconditional rows (negative caption, encoded once per run)
+  beside them. After the loop: VAE decode -> uint8 rows (and the latents).
+- in the graph (:meth:`LatentCodec.wrap_denoiser`): classifier-free guidance over the
+  static buffers, which are laid out ``(B, 2, ...)`` = the network's ``2B`` interleaved
+  rows ``[cond_0, uncond_0, ...]``: one network call per evaluation, the mix
+  ``uncond + w (cond - uncond)`` inside the captured graph.
 
-Each sample's caption is encoded once (in its batch's prepare), the negative caption once
-per run. Levels, the new annotation and the grids are the engine's (:mod:`.grid`: the
-anchors' truncated global grid is ``grid="global"``); sigma_min is in scaled-latent units.
+Each sample's caption is encoded once (in its batch), the negative caption once per run.
+Levels and grids are the engine's (:class:`~.stages.GridSpec`; the anchors' truncated global
+grid is ``schedule="global"``), in scaled-latent units; the new annotation is the engine's
+``sigma_min / rho_ambient`` (anchors' text-to-image: ``rho_ambient = 2``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from ..latent import Conditioning, GuidedDenoiser, LatentComponents
+from ..core.noise import derive_seeds
+from ..data import DatasetFormatError
+from ..latent import GuidedDenoiser, LatentComponents
 from ..latent.adapter import DiffusersDenoiser
+from ..latent.conditioning import Tokens
 from ..latent.vae import to_uint8
 from .checkpoint import file_sha256, module_fingerprint
-from .sampler import IMAGE_UINT8, RestorationSampler, SamplerConfig
+from .io import RestoreSource
+from .sampler import RestorationSampler, SamplerConfig
+from .stages import DeviceCodec, Stages, npy_bytes
 
-__all__ = ["LatentStages", "latent_fingerprint", "latent_sampler"]
+__all__ = [
+    "LATENT_COMPONENT",
+    "LATENT_DTYPES",
+    "LatentBatch",
+    "LatentCodec",
+    "LatentSettings",
+    "LatentStages",
+    "latent_fingerprint",
+    "latent_sampler",
+]
+
+LATENT_COMPONENT = "latent.npy"  # WebDataset component of a sample's stored (C, h, w) latents
+LATENT_DTYPES = {"float16": np.float16, "float32": np.float32}  # anchors store float16
 
 
-@dataclass
-class _Slot:
-    latents: torch.Tensor  # (B, C, h, w) float32
-    cond: Conditioning  # B conditional rows
+@dataclass(frozen=True)
+class LatentBatch:
+    """Host context of one batch (:meth:`LatentStages.prepare` -> :meth:`LatentCodec.encode`)."""
+
+    tokens: Tokens  # the rows' tokenised captions (n <= B rows; padded on the device side)
+    seeds: torch.Tensor  # int64 (n,): per-sample seeds of the VAE posterior sample (derive_seeds(id, run seed))
 
 
-class LatentStages:
-    """VAE and caption encoding around the captured loop (module docstring).
+@dataclass(frozen=True)
+class LatentSettings:
+    """What a latent run adds to the engine's options (defaults: anchors' T2I restoration)."""
+
+    guidance_scale: float = 3.5  # CFG w (ANCHORS 3.3); 1 = the conditional model alone
+    encode_sample: bool = False  # VAE posterior sample (seeded per sample) instead of its mean
+    store_latents: bool = False  # also write key.latent.npy (restored latents; anchors keep them)
+    latent_dtype: str = "float16"  # dtype of stored latents
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.guidance_scale, (int, float)) and 0 <= self.guidance_scale < float("inf")):
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        if self.latent_dtype not in LATENT_DTYPES:
+            raise ValueError(f"latent_dtype must be one of {tuple(LATENT_DTYPES)}, got {self.latent_dtype!r}")
+
+
+class LatentCodec(DeviceCodec):
+    """Device hooks of a latent run (module docstring): uint8 images in and out, latents inside.
 
     Args:
-        components: denoiser, VAE codec and caption encoder, on one device.
-        image_shape: ``(3, H, W)`` of every restored image (H, W divisible by the VAE's factor).
-        batch_size: ``B``, the sampler's static batch.
-        guidance_scale: classifier-free guidance ``w`` (anchors' T2I restoration: 3.5; 1 = the
-            conditional model alone, B rows per call).
-        encode_sample: VAE posterior sample (per-sample seeded) instead of its mean.
+        components: denoiser, VAE and caption encoder, all on one device.
+        settings: guidance, VAE sampling, stored latents.
+        image_size: ``(H, W)`` of every restored image (multiples of the VAE factor).
+    """
 
-    ``denoiser`` is the guided ``D(x, sigma)`` closure to give the sampler; ``model_shape``
-    the latent shape ``(C, h, w)``.
+    storage_dtype = torch.uint8
+
+    def __init__(self, components: LatentComponents, settings: LatentSettings, image_size: tuple[int, int]) -> None:
+        self.components, self.settings = components, settings
+        self.vae, self.text = components.codec, components.caption_encoder
+        height, width = (int(s) for s in image_size)
+        config = getattr(self.vae.vae, "config", None)
+        blocks = getattr(config, "block_out_channels", None)
+        self.factor = 2 ** (len(blocks) - 1) if blocks else 1
+        if height % self.factor or width % self.factor:
+            raise DatasetFormatError(
+                f"images are {height}x{width}: latent restoration needs sides that are multiples of the VAE's "
+                f"factor {self.factor} (--resize to the model's size)"
+            )
+        self.latent_channels = int(getattr(config, "latent_channels", 4))
+        self.image_size = (height, width)
+        self.rows = 1 if float(settings.guidance_scale) == 1.0 else 2
+        sizes = torch.tensor([self.image_size])
+        # One conditional and one unconditional row: the layout and dtypes of the static buffers.
+        self._template = self.text(["x"], sizes).to(self.vae.device)
+        self._uncond = self.text.unconditional(sizes).to(self.vae.device).flatten() if self.rows == 2 else {}
+
+    def model_shape(self, storage_shape: tuple[int, ...]) -> tuple[int, ...]:
+        _, height, width = storage_shape
+        return (self.latent_channels, height // self.factor, width // self.factor)
+
+    def conditioning(self, storage_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {name: ((self.rows, *t.shape[1:]), t.dtype) for name, t in self._template.flatten().items()}
+
+    def outputs(self, storage_shape: tuple[int, ...]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        outputs = {"sample": (storage_shape, torch.uint8)}
+        if self.settings.store_latents:
+            outputs["latent"] = (self.model_shape(storage_shape), torch.float32)
+        return outputs
+
+    def encode(self, raw: torch.Tensor, context: Any, y0: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        """VAE-encode ``raw`` uint8 ``(B, 3, H, W)`` into ``y0``; the rows' captions
+        (``context``, a :class:`LatentBatch` of ``n <= B`` rows, padded with row 0) -> ``cond``."""
+        if not isinstance(context, LatentBatch):
+            raise ValueError("latent restoration needs the batch's captions (a LatentBatch from LatentStages.prepare)")
+        batch = raw.shape[0]
+        seeds = None
+        if self.settings.encode_sample:
+            seeds = torch.cat([context.seeds, context.seeds[:1].expand(batch - len(context.seeds))])
+        y0.copy_(self.vae.encode(raw, sample=self.settings.encode_sample, seeds=seeds))
+        sizes = torch.tensor([self.image_size]).expand(batch, 2)
+        for name, rows in self.text.encode(context.tokens.pad(batch), sizes).flatten().items():
+            cond[name][:, 0].copy_(rows)
+        for name, row in self._uncond.items():
+            cond[name][:, 1].copy_(row.expand(batch, *row.shape[1:]))
+
+    def decode(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
+        outputs["sample"].copy_(to_uint8(self.vae.decode(x)))
+        if "latent" in outputs:
+            outputs["latent"].copy_(x)
+
+    def wrap_denoiser(self, denoiser: Any, cond: dict[str, torch.Tensor]) -> GuidedDenoiser:
+        """CFG over the static buffers: ``(B, rows, ...)`` viewed as the network's ``rows * B`` rows."""
+        flat = {name: buffer.flatten(0, 1) for name, buffer in cond.items()}  # views: no copy
+        return GuidedDenoiser.over(denoiser, self._template.with_tensors(flat), self.settings.guidance_scale)
+
+
+class LatentStages(Stages):
+    """Host hooks of a latent run over ``source`` (module docstring).
+
+    Args:
+        source: the dataset (WebDataset shards with ``key.txt`` captions, or any image format
+            whose samples carry captions).
+        components: the loaded pipeline.
+        settings: the latent options.
+        index: a restored sample (fixes the image size; all restored samples share it).
+        seed: the run seed (the VAE posterior sample's per-sample seeds derive from it).
     """
 
     def __init__(
-        self,
-        components: LatentComponents,
-        image_shape: tuple[int, int, int],
-        batch_size: int,
-        *,
-        guidance_scale: float = 3.5,
-        encode_sample: bool = False,
+        self, source: RestoreSource, components: LatentComponents, settings: LatentSettings, index: int, seed: int = 0
     ) -> None:
-        channels, height, width = (int(s) for s in image_shape)
-        if channels != 3:
-            raise ValueError(f"latent restoration takes RGB images (3, H, W), got {tuple(image_shape)}")
-        self.codec, self.caption_encoder = components.codec, components.caption_encoder
-        self.batch_size, self.encode_sample = batch_size, encode_sample
-        self.device = self.codec.device
-        factor = _vae_factor(self.codec.vae)
-        if height % factor or width % factor:
-            raise ValueError(
-                f"images are {height}x{width}: both sides must be multiples of the VAE's factor {factor} "
-                "(--resize to a model size)"
+        pixels = source.stages(index)
+        if len(pixels.storage_shape) != 3 or pixels.storage_shape[0] != 3:
+            raise DatasetFormatError(
+                f"{source.dataset.describe(index)}: latent restoration takes RGB images, the restored samples are "
+                f"{pixels.storage_shape}"
             )
-        probe = self.codec.encode(torch.zeros(1, 3, height, width, dtype=torch.uint8, device=self.device))
-        self.model_shape = tuple(int(s) for s in probe.shape[1:])
-        self.sizes = torch.tensor([[height, width]]).expand(batch_size, 2)
-        cond = self._static_rows(self.caption_encoder([""], self.sizes[:1]))
-        uncond = cond if guidance_scale == 1.0 else self.caption_encoder.unconditional(self.sizes).to(self.device)
-        self.denoiser = GuidedDenoiser(components.denoiser, cond, uncond, guidance_scale)
+        self.source, self.settings, self.seed, self._pixels = source, settings, seed, pixels
+        codec = LatentCodec(components, settings, pixels.storage_shape[1:])
+        description = {
+            **pixels.description,
+            "latent": {
+                "guidance_scale": settings.guidance_scale,
+                "encode_sample": settings.encode_sample,
+                "store_latents": settings.store_latents,
+                "latent_dtype": settings.latent_dtype,
+                "model": components.describe(),
+            },
+        }
+        super().__init__(codec, pixels.storage_shape, pixels.read_into, self._encode_output, description)
 
-    def _static_rows(self, one: Conditioning) -> Conditioning:
-        """``B`` owned rows shaped like the one-row ``one`` (a static buffer)."""
-        return Conditioning.cat([one] * self.batch_size).to(self.device)
+    def prepare(self, indices: np.ndarray) -> LatentBatch:
+        """Tokenise the rows' captions (reader thread); a missing caption is refused by key."""
+        captions = []
+        for i in indices:
+            caption = self.source.dataset.caption(int(i))
+            if caption is None:
+                raise DatasetFormatError(
+                    f"{self.source.dataset.describe(int(i))}: sample to restore has no caption (key.txt); latent "
+                    "restoration conditions every sample on its caption"
+                )
+            captions.append(caption)
+        ids = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return LatentBatch(self.device.text.tokenize(captions), derive_seeds(ids, self.seed))
 
-    def new_slot(self) -> _Slot:
-        latents = torch.zeros((self.batch_size, *self.model_shape), dtype=torch.float32, device=self.device)
-        return _Slot(latents, self._static_rows(self.caption_encoder([""], self.sizes[:1])))
-
-    def prepare(self, raw: torch.Tensor, seeds: torch.Tensor, context: Any, slot: _Slot) -> None:
-        """VAE-encode ``raw`` uint8 ``(B, 3, H, W)``; encode ``context`` (``n <= B`` captions,
-        padding rows take the first) into ``slot``."""
-        captions = _captions(context, self.batch_size)
-        slot.latents.copy_(self.codec.encode(raw, sample=self.encode_sample, seeds=seeds))
-        slot.cond.copy_(self.caption_encoder(captions, self.sizes).to(self.device))
-
-    def load(self, slot: _Slot, x0: torch.Tensor) -> None:
-        x0.copy_(slot.latents)
-        self.denoiser.update(slot.cond)
-
-    def finish(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        out.copy_(to_uint8(self.codec.decode(x)))
-
-
-def _captions(context: Any, batch_size: int) -> list[str]:
-    if not isinstance(context, Sequence) or isinstance(context, str) or not context:
-        raise ValueError("latent restoration needs the batch's captions (HostBatch.context: a list of str)")
-    captions = [str(c) for c in context]
-    if len(captions) > batch_size:
-        raise ValueError(f"{len(captions)} captions for a batch of {batch_size}")
-    return captions + [captions[0]] * (batch_size - len(captions))
-
-
-def _vae_factor(vae: torch.nn.Module) -> int:
-    """Spatial downsampling of a diffusers VAE (``2 ** (len(block_out_channels) - 1)``; SD: 8)."""
-    blocks = getattr(getattr(vae, "config", None), "block_out_channels", None)
-    return 2 ** (len(blocks) - 1) if blocks else 1
+    def _encode_output(
+        self, index: int, outputs: dict[str, np.ndarray]
+    ) -> tuple[bytes | None, np.ndarray | None, dict[str, bytes]]:
+        data, array, extras = self._pixels.encode_output(index, outputs)
+        if "latent" in outputs:
+            dtype = LATENT_DTYPES[self.settings.latent_dtype]
+            extras = {**extras, LATENT_COMPONENT: npy_bytes(outputs["latent"].astype(dtype))}
+        return data, array, extras
 
 
 def latent_sampler(
     components: LatentComponents,
-    image_shape: tuple[int, int, int],
+    image_size: tuple[int, int],
     batch_size: int,
     config: SamplerConfig,
-    *,
-    guidance_scale: float = 3.5,
-    encode_sample: bool = False,
+    settings: LatentSettings | None = None,
 ) -> RestorationSampler:
-    """The engine's :class:`~.sampler.RestorationSampler` for latent restoration of
-    ``image_shape`` uint8 images (storage and output: uint8 pixels; state: latents)."""
-    stages = LatentStages(
-        components, image_shape, batch_size, guidance_scale=guidance_scale, encode_sample=encode_sample
-    )
+    """The engine's sampler for latent restoration of uint8 ``(3, *image_size)`` images (tests,
+    benchmarks; the dataset driver builds the same from :class:`LatentStages`)."""
+    codec = LatentCodec(components, settings or LatentSettings(), image_size)
     return RestorationSampler(
-        stages.denoiser,
-        tuple(image_shape),
-        batch_size,
-        config,
-        codec=IMAGE_UINT8,
-        device=stages.device,
-        stages=stages,
+        components.denoiser, (3, *image_size), batch_size, config, codec=codec, device=codec.vae.device
     )
 
 
@@ -172,3 +249,4 @@ def latent_fingerprint(components: LatentComponents) -> str:
     for part in parts:
         digest.update(module_fingerprint(part).encode())
     return digest.hexdigest()
+
