@@ -54,6 +54,7 @@ __all__ = [
     "LatentSettings",
     "LatentStages",
     "latent_fingerprint",
+    "latent_restoration",
     "latent_sampler",
 ]
 
@@ -250,3 +251,44 @@ def latent_fingerprint(components: LatentComponents) -> str:
         digest.update(module_fingerprint(part).encode())
     return digest.hexdigest()
 
+
+
+def latent_restoration(
+    components: LatentComponents | str | os.PathLike[str],
+    settings: LatentSettings | None = None,
+    *,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    timestep_mapping: str = "interpolated",
+    negative_caption: str = "",
+) -> dict[str, Any]:
+    """Keyword arguments of :func:`~.dataset.restore_dataset` for a latent run:
+    ``{"denoiser", "stages", "model_fingerprint"}`` (pass ``seed`` equal to its ``seed``).
+
+    Args:
+        components: loaded components, or a local diffusers pipeline folder (loaded offline
+            on ``device``, default ``cuda:LOCAL_RANK`` or CPU, with ``timestep_mapping`` and
+            ``negative_caption``).
+        settings: guidance and latent storage options (:class:`LatentSettings`).
+        seed: the run seed (VAE posterior sample seeds).
+    """
+    settings = settings or LatentSettings()
+    if not isinstance(components, LatentComponents):
+        from ..latent import load_components
+        from .distributed import RankContext
+
+        if device is None:
+            rank = RankContext.current().local_rank
+            device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+        components = load_components(
+            components, device=device, timestep_mapping=timestep_mapping, negative_caption=negative_caption  # type: ignore[arg-type]
+        )
+    fingerprint = hashlib.sha256(
+        f"{latent_fingerprint(components)}\0{sorted(components.describe().items())!r}".encode()
+    ).hexdigest()
+
+    def stages(source: RestoreSource) -> LatentStages:
+        restored = np.flatnonzero(np.asarray(source.sigma_min) > 0)
+        return LatentStages(source, components, settings, int(restored[0]) if len(restored) else 0, seed)
+
+    return {"denoiser": components.denoiser, "stages": stages, "model_fingerprint": fingerprint}
