@@ -65,7 +65,7 @@ def tree_bytes(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     }
 
 
-FAST = dict(num_steps=6, backend="torch", progress=False, num_workers=2)
+FAST = dict(num_steps=6, backend="torch", progress=False, num_workers=2, reader="pil")
 
 
 @pytest.fixture
@@ -139,8 +139,9 @@ def test_resume_after_crash_equals_clean_run_and_refuses_changed_arguments(tmp_p
     with pytest.raises(RuntimeError, match="simulated crash"):
         restore_dataset(CrashAfter(denoiser, 11 * 5).eval(), src, dst, **opts)  # dies in the 6th batch
     assert not dst.exists() and staging_folder(dst).exists()
-    with open(staging_folder(dst) / "journal" / "rank-00000.jsonl", "a") as journal:
-        journal.write('{"shard": "restore-0000')  # a line torn by a kill mid-append
+    chunks = staging_folder(dst) / ".chunks"
+    assert sorted(chunks.glob("chunk-*.json")), "the crash came before any shard was committed"
+    (chunks / ".chunk-000099.json.x.tmp").write_text('{"chunk": 99, "samp')  # a record torn by a kill mid-write
     with pytest.raises(ArgumentsChanged, match=r"num_steps \(--num-steps\): was 6, now 7") as err:
         restore_dataset(denoiser, src, dst, **{**opts, "num_steps": 7})
     assert "seed" not in str(err.value)
@@ -196,8 +197,14 @@ def test_refusals(tmp_path: Path, src: Path) -> None:
         dict(seed=-1),
         dict(rho_ambient=0.5),
         dict(sigma_out=float("nan")),
-        dict(batch_size=4, shard_size=6),
+        dict(shard_size=0),
         dict(state_dtype="float16"),
+        dict(output_codec="gif"),
+        dict(output_codec="jpeg"),
+        dict(on_bad_sample="ignore"),
+        dict(grid="linear"),
+        dict(max_pixels=0),
+        dict(reader="opencv"),
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             restore_dataset(denoiser, src, tmp_path / "dst", **{**FAST, **bad})

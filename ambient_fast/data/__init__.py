@@ -31,6 +31,9 @@ Writing versions [5, 6]
     ``write_dataset(root, format, samples, *, chunk_size=1024, **writer_kwargs) -> Path``
     ``verify_version(path) -> manifest`` (checksums)
     ``to_uint8_image(x (C, H, W) in [-1, 1]) -> uint8 (H, W, C)``
+    ``probe_image(bytes, where) -> ImageInfo(codec, width, height, channels)`` (PNG, JPEG,
+    WebP headers and end markers, no decode), ``decode_image(bytes, where, channels)``,
+    ``encode_image(uint8 (H, W, C), ".png"|".jpg"|".webp", jpeg_quality=, webp_quality=)``
 
 Corruptions
     ``corrupt_dataset(source, dest, corruption, *, fraction, seed=0, sigma_min=None,
@@ -66,7 +69,7 @@ Errors (all ``DatasetError``, a ``ValueError``): ``UnsafePathError``,
 ``DatasetFormatError``, ``AnnotationError``, ``BadSampleError(where, reason)``.
 """
 
-from ._io import to_uint8_image
+from ._io import ImageInfo, decode_image, encode_image, probe_image, to_uint8_image
 from .annotations import (
     SIDECAR_NAME,
     format_annotations,
@@ -119,6 +122,7 @@ __all__ = [
     "DatasetFormatError",
     "DatasetTensors",
     "DatasetWriter",
+    "ImageInfo",
     "Sample",
     "TorchBatchLoader",
     "UnsafePathError",
@@ -128,7 +132,9 @@ __all__ = [
     "corrupt_dataset",
     "corruption_sigma_min",
     "dali_available",
+    "decode_image",
     "demo_dataset",
+    "encode_image",
     "downsample_upsample",
     "export_digits",
     "format_annotations",
@@ -140,6 +146,7 @@ __all__ = [
     "make_torch_loader",
     "open_dataset",
     "parse_annotations",
+    "probe_image",
     "random_mask",
     "read_annotations",
     "select_corrupted",

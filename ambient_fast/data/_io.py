@@ -11,9 +11,9 @@ sees either the complete old state or the complete new file, never a partial one
 versions with thousands of small images rename each file atomically and make the whole
 chunk durable with one :func:`sync_filesystem` before committing it.
 
-Image probing (:func:`probe_image`) parses PNG and JPEG headers in pure Python (width,
+Image probing (:func:`probe_image`) parses PNG, JPEG and WebP headers in pure Python (width,
 height, channels) and checks the end marker (PNG ``IEND`` chunk, JPEG ``EOI`` after the
-first scan), so truncated files are found without decoding them. It is what the DALI path
+first scan, WebP's RIFF length), so truncated files are found without decoding them. It is what the DALI path
 runs on every sample before handing bytes to a decoder that would otherwise abort the whole
 pipeline on one bad file.
 """
@@ -38,6 +38,7 @@ from .errors import BadSampleError, UnsafePathError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "CODEC_EXTENSION",
     "ImageInfo",
     "atomic_write_bytes",
     "atomic_writer",
@@ -51,7 +52,8 @@ __all__ = [
     "sync_filesystem",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")  # what both the PIL and the DALI decoders take here
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")  # what both the PIL and the DALI decoders take here
+CODEC_EXTENSION = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}  # probe_image's codec -> file extension
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -165,7 +167,7 @@ class ImageInfo:
     alpha), 3 for everything else (alpha dropped, palettes expanded).
     """
 
-    codec: str  # "png" | "jpeg"
+    codec: str  # "png" | "jpeg" | "webp"
     width: int
     height: int
     channels: int
@@ -219,8 +221,32 @@ def _probe_jpeg(data: bytes) -> ImageInfo:
     raise ValueError("truncated JPEG header (no start-of-scan marker)")
 
 
+def _probe_webp(data: bytes) -> ImageInfo:
+    if len(data) < 30:
+        raise ValueError("truncated WebP header")
+    (riff_size,) = struct.unpack("<I", data[4:8])
+    if len(data) < 8 + riff_size:
+        raise ValueError(f"truncated WebP ({len(data)} of {8 + riff_size} bytes)")
+    kind = data[12:16]
+    if kind == b"VP8 ":
+        if data[23:26] != b"\x9d\x01\x2a":
+            raise ValueError("corrupt WebP (no VP8 start code)")
+        width, height = (v & 0x3FFF for v in struct.unpack("<HH", data[26:30]))
+    elif kind == b"VP8L":
+        if data[20] != 0x2F:
+            raise ValueError("corrupt WebP (no VP8L signature)")
+        (bits,) = struct.unpack("<I", data[21:25])
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    elif kind == b"VP8X":
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+    else:
+        raise ValueError(f"unknown WebP chunk {kind!r}")
+    return ImageInfo("webp", width, height, 3)
+
+
 def probe_image(data: bytes, where: str) -> ImageInfo:
-    """Read width, height and channels from PNG or JPEG bytes and check the file is complete.
+    """Read width, height and channels from PNG, JPEG or WebP bytes and check the file is complete.
 
     Raises :class:`BadSampleError` (naming ``where``) for unknown formats, truncated or
     malformed headers, and files that stop before their end marker.
@@ -230,8 +256,10 @@ def probe_image(data: bytes, where: str) -> ImageInfo:
             info = _probe_png(data)
         elif data.startswith(b"\xff\xd8"):
             info = _probe_jpeg(data)
+        elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            info = _probe_webp(data)
         else:
-            raise ValueError("not a PNG or JPEG file (unknown magic bytes)")
+            raise ValueError("not a PNG, JPEG or WebP file (unknown magic bytes)")
     except (ValueError, struct.error) as exc:
         raise BadSampleError(where, str(exc)) from None
     if info.width == 0 or info.height == 0:
@@ -240,7 +268,7 @@ def probe_image(data: bytes, where: str) -> ImageInfo:
 
 
 def decode_image(data: bytes, where: str, channels: int) -> np.ndarray:
-    """Decode PNG/JPEG bytes with PIL to uint8 ``(H, W, channels)`` (channels 1 or 3).
+    """Decode PNG/JPEG/WebP bytes with PIL to uint8 ``(H, W, channels)`` (channels 1 or 3).
 
     Any decoder failure becomes a :class:`BadSampleError` naming ``where``.
     """
@@ -266,11 +294,12 @@ def decode_image(data: bytes, where: str, channels: int) -> np.ndarray:
     return array
 
 
-def encode_image(array: np.ndarray, ext: str, *, jpeg_quality: int = 95) -> bytes:
-    """Encode uint8 ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` to PNG or JPEG bytes.
+def encode_image(array: np.ndarray, ext: str, *, jpeg_quality: int = 95, webp_quality: int | None = None) -> bytes:
+    """Encode uint8 ``(H, W)``, ``(H, W, 1)`` or ``(H, W, 3)`` to PNG, JPEG or WebP bytes.
 
     PNG is written with a fixed compression level and no metadata, so the same pixels
-    always give the same bytes (checksums in manifests are reproducible).
+    always give the same bytes (checksums in manifests are reproducible). WebP is lossless
+    unless ``webp_quality`` (1-100) is given.
     """
     from PIL import Image
 
@@ -291,6 +320,11 @@ def encode_image(array: np.ndarray, ext: str, *, jpeg_quality: int = 95) -> byte
         img.save(buffer, format="PNG", compress_level=6)
     elif ext in (".jpg", ".jpeg"):
         img.save(buffer, format="JPEG", quality=int(jpeg_quality))
+    elif ext == ".webp":
+        if webp_quality is None:
+            img.save(buffer, format="WEBP", lossless=True, quality=100, method=4, exact=True)
+        else:
+            img.save(buffer, format="WEBP", quality=int(webp_quality), method=4)
     else:
         raise ValueError(f"cannot encode images as {ext!r}; use one of {IMAGE_EXTENSIONS}")
     return buffer.getvalue()

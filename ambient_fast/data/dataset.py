@@ -442,6 +442,11 @@ class ImageDataset(Dataset):
         """The encoded image file of sample ``i``."""
         raise NotImplementedError
 
+    def extras(self, i: int) -> dict[str, bytes]:
+        """The members of sample ``i``'s key other than the image (WebDataset ``txt``, ``json``,
+        ``cls``, unknown components), raw bytes by extension; ``{}`` for folders and zips."""
+        return {}
+
     def probe(self, i: int) -> ImageInfo:
         """Header of sample ``i`` (size, channels), checking the file is complete."""
         return probe_image(self.read_bytes(i), self.describe(i))
@@ -627,6 +632,9 @@ class WebDataset(ImageDataset):
 
     def read_bytes(self, i: int) -> bytes:
         return self.shards.read(self._image[self._check_index(i)])
+
+    def extras(self, i: int) -> dict[str, bytes]:
+        return {ext: self.shards.read(m) for ext, m in self._components[self._check_index(i)].items()}
 
     def image_member(self, i: int) -> tuple[int, str, int, int]:
         """``(shard, member name, data offset, size)`` of sample ``i``'s image."""

@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from ._io import (
+    CODEC_EXTENSION,
     IMAGE_EXTENSIONS,
     atomic_write_bytes,
     atomic_writer,
@@ -69,7 +70,7 @@ from .annotations import SIDECAR_NAME, format_annotations
 from .dataset import INFO_NAME, MANIFEST_NAME, ZIP_VERSION_NAME, Dataset, Sample
 from .errors import DatasetError, DatasetFormatError
 
-__all__ = ["DatasetWriter", "verify_version", "write_dataset", "FORMATS"]
+__all__ = ["DatasetWriter", "verify_version", "write_dataset", "parent_record", "FORMATS", "MANIFEST_KIND"]
 
 log = logging.getLogger("ambient_fast.data")
 
@@ -158,7 +159,7 @@ class DatasetWriter:
         self._check_destination(resume)
         self._staging = self.root / STAGING
         self._staging.mkdir(parents=True, exist_ok=True)
-        self._parent_record = _parent_record(parent)
+        self._parent_record = parent_record(parent)
         config_path = self._staging / "writer.json"
         config = {"format": format, "creator": creator, "params": self.params, "parent": self._parent_record}
         if config_path.is_file():  # resuming: the version keeps the settings it was started with
@@ -174,17 +175,35 @@ class DatasetWriter:
             self._parent_record = self._parent_record or stored["parent"]
         else:
             atomic_write_bytes(config_path, _json_bytes(config, "writer config"))
-        self._records: dict[int, dict] = {}
+        self._tensor_layout: tuple | None = None
+        self.reload()
+
+    @staticmethod
+    def stored_params(root: str | os.PathLike) -> dict | None:
+        """The ``params`` an unfinished version at ``root`` was started with (None: no such version)."""
+        path = Path(root) / STAGING / "writer.json"
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text("utf-8"))["params"]
+
+    def reload(self) -> None:
+        """Re-read the committed chunk records from disk (chunks other processes wrote into
+        the same version, e.g. the other ranks of a ``torchrun`` job)."""
+        self._records = {}
         for path in sorted(self._staging.glob("chunk-*.json")):
             record = json.loads(path.read_text("utf-8"))
-            if record.get("format") != format:
-                raise DatasetError(f"{path}: chunk of format {record.get('format')!r}, resuming as {format!r}")
+            if record.get("format") != self.format:
+                raise DatasetError(f"{path}: chunk of format {record.get('format')!r}, resuming as {self.format!r}")
             self._records[int(record["chunk"])] = record
         self.completed_keys: set[str] = {s["key"] for r in self._records.values() for s in r["samples"]}
-        self._tensor_layout: tuple | None = None
         for record in self._records.values():
             if "row_shape" in record:
                 self._tensor_layout = (tuple(record["row_shape"]), record["dtype"])
+
+    @property
+    def committed(self) -> dict[int, dict]:
+        """``{chunk number: its record}`` of the committed chunks (see :meth:`write_chunk`)."""
+        return dict(self._records)
 
     # -- destination checks ---------------------------------------------------------------
 
@@ -230,31 +249,41 @@ class DatasetWriter:
         return key
 
     def _image_bytes(self, sample: Sample, ext: str) -> bytes:
-        """Encoded bytes for ``ext``: the sample's own file when its codec matches, else encode."""
-        codec = "png" if ext == ".png" else "jpeg"
+        """Encoded bytes: the sample's own ``data`` as given (checked to be a complete image;
+        never re-encoded), else ``array`` encoded for ``ext``."""
         if sample.data is not None:
-            if probe_image(sample.data, f"sample {sample.key!r}").codec == codec:
-                return sample.data
-            if sample.array is None:
-                raise DatasetError(f"sample {sample.key!r}: its bytes are not {codec} and it has no array to re-encode")
+            probe_image(sample.data, f"sample {sample.key!r}")
+            return sample.data
         if sample.array is None:
             raise DatasetError(f"sample {sample.key!r}: no image array or bytes to write")
         return encode_image(sample.array, ext, jpeg_quality=self.jpeg_quality)
 
-    def write_chunk(self, samples: Sequence[Sample]) -> int:
+    def write_chunk(self, samples: Sequence[Sample], *, chunk: int | None = None, note: dict | None = None) -> int:
         """Write one chunk atomically and commit it; returns its chunk number.
 
         Each :class:`~ambient_fast.data.Sample` needs ``key``, ``sigma_min`` (>= 0),
-        ``sigma_max``, and the payload: image formats take ``data`` (encoded bytes, passed
-        through unchanged when the codec matches the key's extension) or ``array`` (uint8
-        ``(H, W[, C])``); tensors take ``array`` (all rows of one shape and dtype). Labels,
+        ``sigma_max``, and the payload: image formats take ``data`` (encoded PNG/JPEG/WebP
+        bytes, stored as given) or ``array`` (uint8 ``(H, W[, C])``, encoded by the key's
+        extension); tensors take ``array`` (all rows of one shape and dtype). Labels,
         captions, metadata and ``extras`` are kept. Keys must be new to this version.
+
+        Args:
+            chunk: the chunk number (default: one past the last committed). Chunks are
+                ordered by number in the version, whatever order they are written in, so
+                several processes may write disjoint numbers into one version concurrently
+                (then one of them calls :meth:`reload` and :meth:`close`). With an explicit
+                number, ``samples`` may be empty (a chunk whose samples were all dropped).
+            note: JSON-serialisable fields kept in the chunk's record (e.g. a checksum of
+                the source bytes it came from); read back with :attr:`committed`.
         """
         if self._closed:
             raise DatasetError(f"{self.root}: writer already closed")
-        if not samples:
+        if not samples and chunk is None:
             raise ValueError("write_chunk needs at least one sample")
-        chunk = max(self._records, default=-1) + 1
+        if chunk is None:
+            chunk = max(self._records, default=-1) + 1
+        elif chunk in self._records or (self._staging / f"chunk-{chunk:06d}.json").exists():
+            raise DatasetError(f"{self.root}: chunk {chunk} is already committed")
         keys = [self.output_key(s.key) for s in samples]
         seen: set[str] = set()
         for key in keys:
@@ -263,7 +292,7 @@ class DatasetWriter:
             seen.add(key)
         # Validate the levels before anything is written (refuses negative / NaN values).
         format_annotations(keys, [s.sigma_min for s in samples], [s.sigma_max for s in samples])
-        files = getattr(self, f"_write_{self.format}")(chunk, keys, samples)
+        files = getattr(self, f"_write_{self.format}")(chunk, keys, samples) if samples else {}
         record = {
             "chunk": chunk,
             "format": self.format,
@@ -278,8 +307,9 @@ class DatasetWriter:
                 for key, s in zip(keys, samples, strict=True)
             ],
             "files": files,
+            "note": dict(note or {}),
         }
-        if self.format == "tensors":
+        if self.format == "tensors" and samples:
             record["row_shape"], record["dtype"] = list(self._tensor_layout[0]), self._tensor_layout[1]
         atomic_write_bytes(self._staging / f"chunk-{chunk:06d}.json", _json_bytes(record, "chunk record"))
         self._records[chunk] = record
@@ -317,7 +347,7 @@ class DatasetWriter:
         for s in samples:
             ext = self.image_ext
             if s.data is not None:
-                ext = ".png" if probe_image(s.data, f"sample {s.key!r}").codec == "png" else ".jpg"
+                ext = CODEC_EXTENSION[probe_image(s.data, f"sample {s.key!r}").codec]
             exts.append(ext)
         payloads = self._encode_all(keys, samples, exts)
         name = f"{chunk:06d}.tar"
@@ -402,20 +432,32 @@ class DatasetWriter:
             if Path(dirpath) != self.root and STAGING not in Path(dirpath).parts and not os.listdir(dirpath):
                 os.rmdir(dirpath)
 
-    def close(self, *, extra: dict | None = None, info: dict | None = None, timestamp: bool = True) -> Path:
+    def close(
+        self,
+        *,
+        extra: dict | None = None,
+        info: dict | None = None,
+        timestamp: bool = True,
+        extra_files: dict[str, bytes] | None = None,
+    ) -> Path:
         """Write ``annotations.jsonl``, ``dataset.json`` and, last, ``manifest.json``.
+
+        Re-reads the committed chunks from disk first (:meth:`reload`).
 
         Args:
             extra: more manifest sections (e.g. ``{"corruption": {...}}``).
             info: more ``dataset.json`` fields (``labels`` is filled in from the samples).
             timestamp: record the UTC creation time in the manifest; False makes the version
                 a pure function of its inputs (byte-identical reruns, as restoration needs).
+            extra_files: folder format: more files ``{relative path: bytes}`` to add and list
+                in the manifest (e.g. a source folder's README); names are path-checked.
 
         Returns:
             The version folder, ready for :func:`~ambient_fast.data.open_dataset`.
         """
         if self._closed:
             return self.root
+        self.reload()
         if not self._records:
             raise DatasetError(f"{self.root}: no chunks written; refusing to create an empty version")
         records = [self._records[k] for k in sorted(self._records)]
@@ -453,6 +495,14 @@ class DatasetWriter:
             atomic_write_bytes(self.root / INFO_NAME, info_bytes)
             files[SIDECAR_NAME] = {"sha256": sha256_bytes(sidecar), "bytes": len(sidecar)}
             files[INFO_NAME] = {"sha256": sha256_bytes(info_bytes), "bytes": len(info_bytes)}
+        if extra_files and self.format != "folder":
+            raise ValueError(f"extra_files are for the folder format, not {self.format!r}")
+        for name, data in sorted((extra_files or {}).items()):
+            name = safe_relative_path(name, "extra file")
+            if name in files or name == MANIFEST_NAME or name.split("/", 1)[0] == STAGING:
+                raise DatasetError(f"extra file {name!r} collides with a file of the version")
+            atomic_write_bytes(self.root / name, data)
+            files[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
         self._remove_strays(files)
         manifest = {
             "kind": MANIFEST_KIND,
@@ -487,7 +537,8 @@ class DatasetWriter:
             self.close()
 
 
-def _parent_record(parent: Dataset | None) -> dict | None:
+def parent_record(parent: Dataset | None) -> dict | None:
+    """How a manifest names the dataset a version derives from (path, format, count, checksums)."""
     if parent is None:
         return None
     root = Path(parent.root).resolve()
@@ -528,10 +579,14 @@ def write_dataset(
     return writer.close(extra=extra, info=info)
 
 
-def verify_version(path: str | os.PathLike) -> dict:
+def verify_version(path: str | os.PathLike, *, check_images: bool = True) -> dict:
     """Check a version's files against its manifest checksums; returns the manifest.
 
-    Raises :class:`DatasetError` naming the first missing, changed or unlisted file.
+    With ``check_images`` every image sample is also probed (header and end marker, no
+    decode), so a truncated image that was written with a matching checksum is caught.
+
+    Raises :class:`DatasetError` naming the first missing, changed or unlisted file, or the
+    first incomplete image.
     """
     root = Path(path)
     manifest_path = root / MANIFEST_NAME
@@ -554,4 +609,10 @@ def verify_version(path: str | os.PathLike) -> dict:
             rel = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
             if rel != MANIFEST_NAME and rel not in listed and not name.startswith("."):
                 raise DatasetError(f"{root}: file {rel!r} is not listed in the manifest")
+    if check_images and manifest.get("format") in ("folder", "zip", "webdataset"):
+        from .dataset import open_dataset
+
+        dataset = open_dataset(root)
+        for i in range(len(dataset)):
+            dataset.probe(i)  # BadSampleError (a DatasetError) naming the file
     return manifest

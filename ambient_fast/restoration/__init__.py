@@ -15,13 +15,20 @@ Public API:
 
 from .checkpoint import DenoiserConfig, load_denoiser, read_denoiser_config, save_denoiser
 from .dataset import RestoreOptions, RestorePlan, RestoreReport, restore_dataset, staging_folder
-from .io import RestoreSource, open_source
-from .journal import ArgumentsChanged
+from .io import OutputCodec, RawSample, RestoreSource, SizeMismatch, open_source, parse_output_codec
+from .lock import DestinationLocked
+from .resume import ArgumentsChanged, SourceChanged
 from .sampler import HostBatch, RestorationSampler, SamplerConfig
 from .stages import IMAGE_UINT8, DeviceCodec, GridSpec, Stages, float_codec
 
 __all__ = [
     "ArgumentsChanged",
+    "DestinationLocked",
+    "OutputCodec",
+    "RawSample",
+    "SizeMismatch",
+    "SourceChanged",
+    "parse_output_codec",
     "DeviceCodec",
     "GridSpec",
     "Stages",

@@ -1,9 +1,11 @@
 """``restore_dataset``: restore every corrupt sample of a dataset version (SPEC 5).
 
-The orchestrator only wires components: options (:class:`RestoreOptions`), the dataset
-(:mod:`.io`), the plan (which samples to restore, new annotations, shards), the staging
-folder and journal (:mod:`.journal`), the ranks (:mod:`.distributed`), the device sampler
-(:mod:`.sampler`) and the host pipeline (:mod:`.pipeline`).
+The one dataset driver of the restoration engine: source (:mod:`.io`) -> the path's stages
+(:mod:`.stages`: pixel, tensor, or latent) -> the captured sampler (:mod:`.sampler`) ->
+the version writer (:class:`~ambient_fast.data.DatasetWriter`, writing the new version
+straight into ``.DST.partial``, renamed to ``DST`` when complete), with the ``--dst`` lock
+(:mod:`.lock`), resume (:mod:`.resume`) and the split over ``torchrun`` ranks
+(:mod:`.distributed`). The host pipeline is :mod:`.pipeline`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,23 +28,37 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import DatasetWriter
 from ..samplers.restore import RESTORE_SIGMA_FLOOR
 from .checkpoint import file_sha256, load_denoiser, module_fingerprint
 from .distributed import RankContext
-from .io import RestoreSource, open_source
-from .journal import RunDir, staging_dir
-from .pipeline import Shard, ShardExecutor, plan_shards
-from .publish import publish_version
+from .io import DEFAULT_MAX_PIXELS, RestoreSource, open_source, parse_output_codec
+from .lock import DestinationLock
+from .pipeline import SLOTS, Shard, ShardExecutor, plan_shards, source_digest
+from .resume import ArgumentsChanged, SourceChanged, describe_changes, staging_dir
 from .sampler import COMPILE_MODES, METHODS, START_NOISE, RestorationSampler, SamplerConfig
-from .stages import DeviceCodec, GridSpec
+from .stages import GRID_SCHEDULES, GridSpec, Stages
 
-__all__ = ["RestoreOptions", "RestorePlan", "RestoreReport", "restore_dataset", "PRECISIONS", "STATE_DTYPES"]
+__all__ = [
+    "RestoreOptions",
+    "RestorePlan",
+    "RestoreReport",
+    "restore_dataset",
+    "staging_folder",
+    "PRECISIONS",
+    "STATE_DTYPES",
+    "READERS",
+    "CREATOR",
+]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-COPY_SHARD_SIZE = 4096  # clean files per copy shard: a journal line per ~4k small files
-DEFAULT_SHARD_SAMPLES = 1024  # restore shards hold >= this many samples (a multiple of the batch)
+READERS = ("auto", "dali", "pil")
+BAD_SAMPLE_POLICIES = ("skip", "raise")
+DEFAULT_SHARD_SAMPLES = 1024  # source samples per shard (one output chunk / tar shard each)
+CREATOR = "ambient_fast.restoration"
 _SEED_LIMIT = 2**32  # derive_seeds mixes 32 bits of the run seed
+_REPORTED_BAD = 100  # bad samples named in the manifest and report (all are counted)
 
 
 @dataclass(frozen=True)
@@ -56,6 +73,8 @@ class RestoreOptions:
     sigma_out: float = 0.0
     rho: float = 7.0
     sigma_floor: float = RESTORE_SIGMA_FLOOR
+    grid: str = "per_sample"
+    sigma_max: float = 80.0
     start_noise: str = "fresh"
     training_noise_seed: int = 0
     state_dtype: str = "float32"
@@ -63,7 +82,12 @@ class RestoreOptions:
     compile: str = "none"
     cuda_graph: bool | None = None
     backend: str = "auto"
-    shard_size: int | None = None
+    shard_size: int = DEFAULT_SHARD_SAMPLES
+    output_codec: str = "png"
+    on_bad_sample: str = "skip"
+    resize: bool = False
+    resolution: tuple[int, int] | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, rule: str) -> None:
@@ -84,6 +108,9 @@ class RestoreOptions:
         need(is_num(self.sigma_out) and self.sigma_out >= 0, "sigma_out", "a finite number >= 0")
         need(is_num(self.rho) and self.rho > 0, "rho", "a finite number > 0")
         need(is_num(self.sigma_floor) and self.sigma_floor > 0, "sigma_floor", "a finite number > 0")
+        need(self.grid in GRID_SCHEDULES, "grid", f"one of {GRID_SCHEDULES}")
+        need(is_num(self.sigma_max) and self.sigma_max > self.sigma_floor, "sigma_max", "a finite number > sigma_floor")
+        need(self.grid != "global" or self.sigma_out == 0, "sigma_out", "0 with grid='global' (it integrates to 0)")
         need(self.start_noise in START_NOISE, "start_noise", f"one of {START_NOISE}")
         need(
             is_int(self.training_noise_seed) and 0 <= self.training_noise_seed < _SEED_LIMIT,
@@ -96,22 +123,27 @@ class RestoreOptions:
         need(self.cuda_graph in (None, True, False), "cuda_graph", "None, True or False")
         if self.cuda_graph and self.compile == "reduce-overhead":
             raise ValueError("cuda_graph=True cannot be combined with compile='reduce-overhead' (graphs cannot nest)")
+        need(is_int(self.shard_size) and self.shard_size >= 1, "shard_size", "an integer >= 1")
+        try:
+            parse_output_codec(self.output_codec)
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        need(self.on_bad_sample in BAD_SAMPLE_POLICIES, "on_bad_sample", f"one of {BAD_SAMPLE_POLICIES}")
+        need(isinstance(self.resize, bool), "resize", "True or False")
         need(
-            self.shard_size is None
-            or (is_int(self.shard_size) and self.shard_size >= 1 and self.shard_size % self.batch_size == 0),
-            "shard_size",
-            f"None or a positive multiple of batch_size ({self.batch_size})",
+            self.resolution is None
+            or (len(self.resolution) == 2 and all(is_int(v) and v >= 1 for v in self.resolution)),
+            "resolution",
+            "None or (height, width) with positive integers",
         )
+        need(is_int(self.max_pixels) and self.max_pixels >= 1, "max_pixels", "an integer >= 1")
 
-    @property
-    def effective_shard_size(self) -> int:
-        if self.shard_size is not None:
-            return self.shard_size
-        return self.batch_size * max(1, -(-DEFAULT_SHARD_SAMPLES // self.batch_size))
+    def grid_spec(self) -> GridSpec:
+        return GridSpec(self.grid, self.num_steps, self.sigma_out, self.rho, self.sigma_floor, self.sigma_max)  # type: ignore[arg-type]
 
-    def sampler_config(self, device: torch.device) -> SamplerConfig:
+    def sampler_config(self, device: torch.device, steps: int) -> SamplerConfig:
         return SamplerConfig(
-            num_steps=self.num_steps,
+            num_steps=steps,
             method=self.method,  # type: ignore[arg-type]
             final_to_zero=self.sigma_out == 0,
             start_noise=self.start_noise,  # type: ignore[arg-type]
@@ -129,11 +161,10 @@ class RestorePlan:
 
     num_samples: int
     restore: np.ndarray  # int64 indices restored (sigma_min > sigma_out)
-    copy: np.ndarray  # int64 indices copied through byte for byte
+    copy: np.ndarray  # int64 indices copied through byte for byte (after a decode check)
     new_sigma_min: np.ndarray  # (N,) float64 annotations of the new version
     new_sigma_max: np.ndarray  # (N,) float64
-    sample_shape: tuple[int, ...]  # of the restored samples
-    codec: DeviceCodec | None  # storage of the restored samples (None: nothing to restore)
+    steps: int  # K of the captured loop (GridSpec.steps)
     shards: list[Shard]
 
     @classmethod
@@ -150,15 +181,9 @@ class RestorePlan:
         new_max = sigma_max.copy()
         new_min[restore] = sigma_min[restore] / options.rho_ambient if options.sigma_out == 0 else options.sigma_out
         new_max[restore] = 0.0
-        shape: tuple[int, ...] = ()
-        codec = None
-        if len(restore):
-            shape, codec = source.sample_layout(int(restore[0]))
-        # Folder versions copy clean files during the run; the other formats pass them
-        # through when the version is assembled (publish.py).
-        copied = copy if source.format == "folder" else copy[:0]
-        shards = plan_shards(restore, copied, options.effective_shard_size, COPY_SHARD_SIZE)
-        return cls(len(sigma_min), restore, copy, new_min, new_max, shape, codec, shards)
+        steps = options.grid_spec().steps(sigma_min[restore])
+        shards = plan_shards(to_restore, options.shard_size)
+        return cls(len(sigma_min), restore, copy, new_min, new_max, steps, shards)
 
 
 @dataclass
@@ -172,7 +197,7 @@ class RestoreReport:
     num_copied: int  # samples copied through byte for byte
     nfe_per_sample: int
     shards_total: int
-    shards_resumed: int  # already journaled by an earlier, interrupted run
+    shards_resumed: int  # already committed by an earlier, interrupted run
     restored_this_run: int
     restored_per_rank: list[int]  # samples restored by each rank in this run
     seconds: float  # wall time of the sampling phase of this run (slowest rank)
@@ -180,6 +205,13 @@ class RestoreReport:
     nfe_per_second: float
     world_size: int
     device: str
+    reader: str = "pil"  # who decoded the images: "dali" or "pil"
+    output_codec: str = "png"
+    codec_note: str = ""  # what the re-encode of restored samples means (lossless or a new corruption)
+    bad_samples_skipped: int = 0
+    bad_samples: list[str] = field(default_factory=list)  # "shard key: path: reason" (first 100)
+    host_batch_bytes: int = 0  # pinned host memory of the batches in flight
+    device_batch_bytes: int = 0  # device memory of the sampler's static buffers (network activations excluded)
     dry_run: bool = False
     already_complete: bool = False
     arguments: dict[str, Any] = field(default_factory=dict)
@@ -189,13 +221,16 @@ class RestoreReport:
             return (
                 f"dry run: would restore {self.num_restored} of {self.num_samples} samples "
                 f"({self.num_copied} copied through) at {self.nfe_per_sample} NFE each, "
-                f"{self.shards_total} shards ({self.shards_resumed} already done) -> {self.dst}"
+                f"{self.shards_total} shards ({self.shards_resumed} already done) -> {self.dst}; batch memory: "
+                f"host {self.host_batch_bytes / 2**20:.1f} MiB pinned ({SLOTS} batches in flight), device "
+                f"{self.device_batch_bytes / 2**20:.1f} MiB static buffers (+ the network's activations)"
             )
         if self.already_complete:
             return f"{self.dst} is already complete (same arguments); nothing to do"
+        bad = f", {self.bad_samples_skipped} bad samples skipped" if self.bad_samples_skipped else ""
         return (
             f"restored {self.num_restored} of {self.num_samples} samples ({self.num_copied} copied through, "
-            f"{self.shards_resumed}/{self.shards_total} shards resumed) in {self.seconds:.1f} s: "
+            f"{self.shards_resumed}/{self.shards_total} shards resumed{bad}) in {self.seconds:.1f} s: "
             f"{self.images_per_second:.1f} img/s, {self.nfe_per_second:.0f} NFE/s on "
             f"{self.world_size} x {self.device} -> {self.dst}"
         )
@@ -240,6 +275,8 @@ _DERIVED_ARGUMENTS = {
     "src_fingerprint": "the source dataset (src: its files, sizes or annotations changed)",
     "model_fingerprint": "the model (denoiser / --model)",
     "device_type": "the device type (device / --device)",
+    "stages": "the restoration path's stages (codec / latent settings)",
+    "steps": "the captured loop's step count (from the grid and the levels)",
 }
 
 
@@ -262,12 +299,82 @@ def _complete_version(dst: Path, arguments: dict[str, Any]) -> bool:
     """True if ``dst`` is a finished restoration with the same arguments; error if it is anything else."""
     try:
         manifest = json.loads((dst / "manifest.json").read_text())
-        same = manifest["params"] == arguments and manifest["creator"] == "ambient_fast.restoration"
+        same = manifest["params"] == arguments and manifest["creator"] == CREATOR
     except (OSError, ValueError, KeyError, TypeError):
         same = False
     if not same:
         raise FileExistsError(f"{dst} already exists and is not this restoration's output; choose a new folder")
     return True
+
+
+def _batch_bytes(
+    stages: Stages | None, batch: int, steps: int, state_dtype: torch.dtype, cuda: bool
+) -> tuple[int, int]:
+    """(host, device) bytes of the batch buffers a run allocates (see :class:`RestorationSampler`)."""
+    if stages is None:
+        return 0, 0
+    shape = stages.storage_shape
+    raw = math.prod(shape) * torch.empty((), dtype=stages.device.storage_dtype).element_size()
+    model = math.prod(stages.device.model_shape(shape)) * torch.empty((), dtype=state_dtype).element_size()
+    outs = sum(math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in stages.device.outputs(shape).values())
+    cond = sum(
+        math.prod(s) * torch.empty((), dtype=d).element_size() for s, d in stages.device.conditioning(shape).values()
+    )
+    per_row_levels = 8 * (steps + 1) + 8 * 3
+    host = SLOTS * batch * (raw + outs + per_row_levels)
+    staging = (2 if cuda else 0) * batch * (raw + per_row_levels)
+    device = batch * (raw + 2 * model + outs + cond + per_row_levels) + staging
+    return host, device
+
+
+def _codec_section(stages: Stages | None, committed: dict[int, dict], output_codec: str) -> tuple[dict, str]:
+    """The manifest's record of how restored samples are stored (from the chunk notes)."""
+    if stages is None:
+        return {"restored_as": None}, ""
+    restored_as = stages.description.get("codec", output_codec)
+    codecs_in: dict[str, int] = {}
+    for record in committed.values():
+        for name, count in record.get("note", {}).get("codecs_in", {}).items():
+            codecs_in[name] = codecs_in.get(name, 0) + int(count)
+    name = str(restored_as).split(":", 1)[0]
+    changed = sum(count for codec, count in codecs_in.items() if codec != name)
+    lossy = ":" in str(restored_as) or name == "jpeg"
+    if lossy:
+        note = (
+            f"restored samples are stored as {restored_as}: a lossy re-encode, a corruption that the new sigma_min "
+            "does not describe"
+        )
+    elif restored_as == "array":
+        note = "restored tensor rows are stored in their own dtype"
+    else:
+        note = f"restored samples are stored losslessly as {restored_as}; clean samples keep their bytes and codec"
+    section = {
+        "restored_as": restored_as,
+        "source_codecs": dict(sorted(codecs_in.items())),
+        "codec_changed": changed,
+        "lossy_reencode": lossy,
+        "note": note,
+    }
+    return section, note
+
+
+def _verify_sources(source: RestoreSource, plan: RestorePlan, committed: dict[int, dict], workers: int) -> None:
+    """Re-hash the source samples of every committed shard; refuse a shard whose bytes changed."""
+    by_number = {s.number: s for s in plan.shards}
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for number, record in sorted(committed.items()):
+            want = record.get("note", {}).get("source_sha256")
+            shard = by_number.get(number)
+            if shard is None or want is None:
+                raise SourceChanged(f"{shard}: committed chunk {number} does not belong to this restoration plan")
+            digests = list(pool.map(lambda i: source.fetch(int(i)).digest, shard.indices))
+            if source_digest(digests) != want:
+                first, last = source.keys[int(shard.indices[0])], source.keys[int(shard.indices[-1])]
+                raise SourceChanged(
+                    f"the source changed since the unfinished run: {shard.id} (samples {first!r}..{last!r}, "
+                    f"{source.dataset.describe(int(shard.indices[0]))} ...) no longer has the bytes it was restored "
+                    "from; rerun with restart=True (--restart) to restore it again from scratch"
+                )
 
 
 def restore_dataset(
@@ -283,6 +390,8 @@ def restore_dataset(
     sigma_out: float = 0.0,
     rho: float = 7.0,
     sigma_floor: float = RESTORE_SIGMA_FLOOR,
+    grid: str = "per_sample",
+    sigma_max: float = 80.0,
     start_noise: str = "fresh",
     training_noise_seed: int = 0,
     state_dtype: str = "float32",
@@ -290,11 +399,17 @@ def restore_dataset(
     compile: str = "none",
     cuda_graph: bool | None = None,
     backend: str = "auto",
-    shard_size: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SAMPLES,
+    output_codec: str = "png",
+    on_bad_sample: str = "skip",
+    resize: bool = False,
+    resolution: tuple[int, int] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    reader: str = "auto",
+    stages: Callable[[RestoreSource], Stages] | None = None,
     device: torch.device | str | None = None,
     num_workers: int = 4,
     restart: bool = False,
-    fsync: bool = False,
     progress: bool = True,
     dry_run: bool = False,
     model_fingerprint: str | None = None,
@@ -303,28 +418,32 @@ def restore_dataset(
 
     SPEC 5 per sample i with ``sigma_min_i > sigma_out``: start at ``y0_i + sigma_min_i eps_i``
     (eps from the seed derived from ``(seed, i)``, i = the sample's index in key order), run
-    the sampler on the sample's own grid from ``sigma_min_i`` to ``sigma_out`` (``num_steps``
-    rho-grid points, then 0 or ``sigma_out``), store the result in the sample's own format and
+    the sampler on the sample's own grid from ``sigma_min_i`` to ``sigma_out`` (``grid``), store
+    the result (images: ``output_codec``, lossless PNG by default, under the same key) and
     annotate it ``sigma_min_i / rho_ambient`` (``sigma_out == 0``) or ``sigma_out``. Other
-    samples are copied byte for byte with their annotations. The output is a function of the
-    arguments and the data only: batch composition, rank count and interruptions do not
-    change a byte of it.
+    samples are decode-checked and copied byte for byte with their annotations; every other
+    member of a sample's key (captions, JSON, unknown components) travels through untouched.
+    The output is a function of the arguments and the data only: batch composition, rank
+    count and interruptions do not change a byte of it.
 
     Rank-agnostic: under ``torchrun`` (an initialised process group) the shards are split
-    across ranks, each writes its own, and rank 0 writes the sidecar and manifest after a
-    barrier. Resumable: rerunning a killed call with the same arguments skips finished
-    shards; different arguments are refused naming each one (``restart=True`` discards the
-    unfinished run). ``dst`` appears atomically when complete.
+    across ranks, each writes its own chunks of the version, and rank 0 writes the sidecar
+    and manifest after a barrier. Resumable: rerunning a killed call with the same arguments
+    skips finished shards (after checking their source bytes are unchanged); different
+    arguments are refused naming each one (``restart=True`` discards the unfinished run).
+    ``dst`` appears atomically when complete; ``.DST.lock`` keeps a second run out.
 
     Args:
         denoiser: EDM denoiser ``D(x, sigma)`` module, a checkpoint path
             (:func:`~ambient_fast.restoration.save_denoiser` format), or a plain callable (then
-            pass ``model_fingerprint``). Modules must be in eval mode.
+            pass ``model_fingerprint``). Modules must be in eval mode. With ``stages``:
+            whatever its :meth:`~.stages.DeviceCodec.wrap_denoiser` takes.
         src: a dataset version in any :func:`ambient_fast.data.open_dataset` format (folder,
-            zip, WebDataset shards, tensors) with its ``annotations.jsonl``; never modified.
-        dst: the new version's folder, in ``src``'s format (must not exist; it appears
-            atomically, built in a ``.DST.partial`` staging folder beside it).
-        num_steps: grid points per sample before the final level (anchor 18: NFE 35 with Heun).
+            zip, WebDataset shards, tensors; JPEG, PNG or WebP images) with its
+            ``annotations.jsonl``; never modified.
+        dst: the new version's folder, in ``src``'s format (must not exist).
+        num_steps: grid points per sample before the final level (anchor 18: NFE 35 with
+            Heun); ``grid="global"``: points of the global grid (anchors' text-to-image 30).
         batch_size: samples per device batch (the captured shape; the last batch is padded).
         method: ``"heun"`` (deterministic, anchor), ``"euler"``, ``"stochastic"`` (ancestral
             reverse SDE: samples the posterior ``p(x0 | x_sigma_min)``).
@@ -333,6 +452,9 @@ def restore_dataset(
         sigma_out: stop level; > 0 stores the noisy state there, annotated ``sigma_out``.
             Samples with ``sigma_min <= sigma_out`` are copied through.
         rho, sigma_floor: grid curvature and lowest positive level (EDM 7 and 0.002).
+        grid: ``"per_sample"`` (SPEC 5) or ``"global"`` (ANCHORS 3.3: the global EDM grid
+            from ``sigma_max``, truncated at each sample's level), see :class:`~.stages.GridSpec`.
+        sigma_max: top of the global grid (EDM 80).
         start_noise: ``"fresh"`` (anchor), ``"training"`` (the frozen training noise of
             ``noisy_pair(..., sample_ids, noise_seed=training_noise_seed)``) or ``"none"``
             (samples are stored already noisy at their sigma_min, the anchors' ``npy`` case).
@@ -342,14 +464,30 @@ def restore_dataset(
             ``"max-autotune-no-cudagraphs"``, ``"reduce-overhead"``).
         cuda_graph: capture the K-step loop (None: on for CUDA unless ``reduce-overhead``).
         backend: fused step ops for eager steps (``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"``).
-        shard_size: restored samples per shard, a multiple of ``batch_size`` (default: the
-            smallest multiple >= 1024). The unit of resume and of the split across ranks.
+        shard_size: source samples per shard (one chunk of the new version: one tar shard,
+            tensor part, ...); the unit of resume and of the split across ranks.
+        output_codec: restored images: ``"png"`` (lossless, default), ``"webp"`` (lossless),
+            ``"webp:Q"`` / ``"jpeg:Q"`` (lossy: the manifest and report say that this
+            re-encode is a corruption the new sigma_min does not describe).
+        on_bad_sample: a sample that does not decode is ``"skip"``-ped (left out of the new
+            version, counted, named by shard and key in the report and manifest) or
+            ``"raise"``-d (the data layer's convention).
+        resize: restored images of another size than the run's are resized and centre-cropped
+            to it (else refused naming the key).
+        resolution: ``(H, W)`` of the restored images (default: the first restored sample's).
+        max_pixels: every image header is checked against this before anything is decoded or
+            allocated (default 4096 x 4096).
+        reader: who decodes images: ``"dali"`` (NVIDIA DALI: mixed GPU decode on CUDA, its CPU
+            pipeline on CPU), ``"pil"``, or ``"auto"`` (DALI where it is installed, else PIL).
+            Recorded with the arguments: decoders may differ in the last bit of a JPEG.
+        stages: ``source -> Stages`` for a non-pixel path (latent text-to-image,
+            ``restoration/latent_stages.py``); default: pixel / tensor stages.
         device: default: the module's device, else ``cuda:LOCAL_RANK`` or CPU.
-        num_workers: IO threads per rank (decode, encode, write).
+        num_workers: IO threads per rank (read, decode, encode, write).
         restart: discard an unfinished run's staging folder instead of resuming it.
-        fsync: flush each shard to disk before journaling it (survives power loss too).
         progress: tqdm progress bar and summary line on rank 0.
-        dry_run: validate everything and return the plan's report; write nothing.
+        dry_run: validate everything, print the plan and the batch's host and device memory;
+            write nothing.
         model_fingerprint: identifies the model for the resume check (default: the
             checkpoint's SHA-256 or the module's state-dict hash).
 
@@ -365,6 +503,8 @@ def restore_dataset(
         sigma_out=sigma_out,
         rho=rho,
         sigma_floor=sigma_floor,
+        grid=grid,
+        sigma_max=sigma_max,
         start_noise=start_noise,
         training_noise_seed=training_noise_seed,
         state_dtype=state_dtype,
@@ -373,7 +513,14 @@ def restore_dataset(
         cuda_graph=cuda_graph,
         backend=backend,
         shard_size=shard_size,
+        output_codec=output_codec,
+        on_bad_sample=on_bad_sample,
+        resize=resize,
+        resolution=None if resolution is None else (int(resolution[0]), int(resolution[1])),
+        max_pixels=max_pixels,
     )
+    if reader not in READERS:
+        raise ValueError(f"reader must be one of {READERS}, got {reader!r}")
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers must be an integer >= 1, got {num_workers!r}")
     ctx = RankContext.current()
@@ -382,17 +529,38 @@ def restore_dataset(
     source = open_source(src_path)
     plan = RestorePlan.build(source, options)
     model, dev, model_id = _resolve_denoiser(denoiser, device, ctx.local_rank, model_fingerprint)
+    run_stages: Stages | None = None
+    if len(plan.restore):
+        if stages is not None:
+            run_stages = stages(source)
+        else:
+            run_stages = source.stages(
+                int(plan.restore[0]),
+                max_pixels=options.max_pixels,
+                resize=options.resize,
+                resolution=options.resolution,
+                output_codec=parse_output_codec(options.output_codec),
+            )
+    used_reader = _select_reader(reader, source, run_stages, stages is not None)
+    if run_stages is not None and used_reader == "dali":
+        from .dali_reader import dali_stages
+
+        run_stages = dali_stages(run_stages, source, dev, options)
     arguments = _plain_json(
         {
             **asdict(options),
-            "shard_size": options.effective_shard_size,
+            "steps": plan.steps,
+            "reader": used_reader,
+            "stages": run_stages.description if run_stages is not None else None,
             "src_fingerprint": source.fingerprint(),
             "model_fingerprint": model_id,
             "device_type": dev.type,
         }
     )
-    run_dir = RunDir(dst_path, fsync=fsync)
-    config = options.sampler_config(dev)
+    config = options.sampler_config(dev, plan.steps)
+    host_bytes, device_bytes = _batch_bytes(
+        run_stages, options.batch_size, plan.steps, STATE_DTYPES[options.state_dtype], dev.type == "cuda"
+    )
     report = RestoreReport(
         src=str(src_path),
         dst=str(dst_path),
@@ -409,61 +577,135 @@ def restore_dataset(
         nfe_per_second=0.0,
         world_size=ctx.world_size,
         device=str(dev),
+        reader=used_reader,
+        output_codec=options.output_codec if source.is_image else "array",
+        host_batch_bytes=host_bytes,
+        device_batch_bytes=device_bytes,
         arguments=arguments,
     )
-    if dst_path.exists() and ctx.on_main(lambda: _complete_version(dst_path, arguments)):
-        if ctx.is_main and run_dir.root.exists():
-            shutil.rmtree(run_dir.root, ignore_errors=True)  # litter of a kill after the final rename
-        report.already_complete = True
-        _print_main(ctx, progress, report.summary())
-        return report
+    staging = staging_dir(dst_path)
     if dry_run:
         report.dry_run = True
-        if run_dir.root.exists() and not restart:
-            report.shards_resumed = sum(s.id in run_dir.finished() for s in plan.shards)
+        stored = DatasetWriter.stored_params(staging) if staging.is_dir() and not restart else None
+        if stored == arguments:
+            committed = {int(p.stem.split("-")[1]) for p in (staging / ".chunks").glob("chunk-*.json")}
+            report.shards_resumed = sum(s.number in committed for s in plan.shards)
         _print_main(ctx, progress, report.summary())
         return report
 
-    ctx.on_main(lambda: run_dir.prepare(arguments, restart=restart, label=_argument_label))
-    ctx.barrier()  # every rank now sees the same journal
-    finished = run_dir.finished()
-    pending = [s for s in plan.shards if s.id not in finished]
-    mine = pending[ctx.rank :: ctx.world_size]
-    report.shards_resumed = len(plan.shards) - len(pending)
+    lock = DestinationLock(dst_path)
+    try:
+        ctx.on_main(lock.acquire)
+        if dst_path.exists() and ctx.on_main(lambda: _complete_version(dst_path, arguments)):
+            report.already_complete = True
+            _print_main(ctx, progress, report.summary())
+            return report
+        writer = _open_writer(ctx, source, plan, staging, arguments, restart, num_workers)
+        committed = writer.committed
+        pending = [s for s in plan.shards if s.number not in committed]
+        mine = pending[ctx.rank :: ctx.world_size]
+        report.shards_resumed = len(plan.shards) - len(pending)
 
-    start = time.perf_counter()
-    restored_here = _run_shards(model, source, plan, options, config, dev, run_dir, ctx, mine, num_workers, progress)
-    seconds = time.perf_counter() - start
-    counts = ctx.gather((restored_here, seconds))
-    ctx.barrier()  # every rank's shards are journaled
-    report.restored_per_rank = [c for c, _ in counts]
-    report.restored_this_run = sum(report.restored_per_rank)
-    report.seconds = max(s for _, s in counts)
-    report.images_per_second = report.restored_this_run / report.seconds if report.seconds > 0 else 0.0
-    report.nfe_per_second = report.images_per_second * config.nfe
-    ctx.on_main(lambda: _publish(source, plan, arguments, run_dir, config.nfe))
-    ctx.barrier()
+        start = time.perf_counter()
+        restored_here = _run_shards(
+            model, source, run_stages, writer, plan, options, config, dev, ctx, mine, num_workers, progress
+        )
+        seconds = time.perf_counter() - start
+        counts = ctx.gather((restored_here, seconds))
+        ctx.barrier()  # every rank's shards are committed
+        report.restored_per_rank = [c for c, _ in counts]
+        report.restored_this_run = sum(report.restored_per_rank)
+        report.seconds = max(s for _, s in counts)
+        report.images_per_second = report.restored_this_run / report.seconds if report.seconds > 0 else 0.0
+        report.nfe_per_second = report.images_per_second * config.nfe
+        summary = ctx.on_main(
+            lambda: _publish(writer, source, plan, run_stages, options, config.nfe, staging, dst_path)
+        )
+        report.num_restored = summary["num_restored"]
+        report.codec_note = summary["codec"].get("note", "")
+        report.bad_samples_skipped = summary["bad_samples"]["skipped"]
+        report.bad_samples = [f"{shard} {key}: {why}" for shard, key, why in summary["bad_samples"]["samples"]]
+        ctx.barrier()
+    finally:
+        if ctx.is_main:
+            lock.release()
     _print_main(ctx, progress, report.summary())
     return report
+
+
+def _select_reader(reader: str, source: RestoreSource, stages: Stages | None, custom: bool) -> str:
+    """``"dali"`` or ``"pil"`` for this run (tensor datasets have nothing to decode: ``"pil"``)."""
+    from ..data import dali_available
+
+    if not source.is_image or stages is None:
+        return "pil"
+    if reader == "dali" and not dali_available():
+        raise ValueError(
+            "reader='dali' (--reader dali): NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)"
+        )
+    if reader == "auto":
+        return "dali" if dali_available() else "pil"
+    return reader
+
+
+def _open_writer(
+    ctx: RankContext,
+    source: RestoreSource,
+    plan: RestorePlan,
+    staging: Path,
+    arguments: dict[str, Any],
+    restart: bool,
+    workers: int,
+) -> DatasetWriter:
+    """Rank 0 checks (or discards) an unfinished run and creates the version; then every rank opens it."""
+
+    def prepare() -> None:
+        if staging.exists() and restart:
+            shutil.rmtree(staging)
+        if staging.exists():
+            try:
+                stored = DatasetWriter.stored_params(staging)
+            except (OSError, ValueError, KeyError) as err:
+                raise ValueError(
+                    f"{staging} is not a restoration staging folder ({err}); remove it or pass --restart"
+                ) from None
+            if stored is None:
+                raise ValueError(f"{staging} is not a restoration staging folder; remove it or pass --restart")
+            changes = describe_changes(stored, arguments, _argument_label)
+            if changes:
+                raise ArgumentsChanged(
+                    f"refusing to resume the unfinished restoration in {staging}: "
+                    + "; ".join(changes)
+                    + ". Rerun with the same arguments, or pass restart=True (--restart) to discard it."
+                )
+        writer = DatasetWriter(
+            staging, source.format, parent=source.dataset, creator=CREATOR, params=arguments, resume=True
+        )
+        _verify_sources(source, plan, writer.committed, workers)
+
+    ctx.on_main(prepare)
+    ctx.barrier()
+    return DatasetWriter(staging, source.format, parent=source.dataset, creator=CREATOR, params=arguments, resume=True)
 
 
 def _run_shards(
     model: Callable[..., torch.Tensor],
     source: RestoreSource,
+    stages: Stages | None,
+    writer: DatasetWriter,
     plan: RestorePlan,
     options: RestoreOptions,
     config: SamplerConfig,
     device: torch.device,
-    run_dir: RunDir,
     ctx: RankContext,
     shards: list[Shard],
     num_workers: int,
     progress: bool,
 ) -> int:
     """Restore and copy this rank's shards; returns the number of samples restored."""
-    to_restore = sum(len(s.indices) for s in shards if s.kind == "restore")
     if not shards:
         return 0
+    to_restore = int(sum(int(s.restore.sum()) for s in shards))
     bar = None
     if progress and ctx.is_main:
         from tqdm import tqdm
@@ -478,21 +720,21 @@ def _run_shards(
 
     sampler = None
     if to_restore:
-        assert plan.codec is not None
+        assert stages is not None
         sampler = RestorationSampler(
-            model, plan.sample_shape, options.batch_size, config, codec=plan.codec, device=device
+            model, stages.storage_shape, options.batch_size, config, codec=stages.device, device=device
         )
-    grid = GridSpec("per_sample", options.num_steps, options.sigma_out, options.rho, options.sigma_floor)
     executor = ShardExecutor(
         sampler,
         source,
-        run_dir,
-        ctx.rank,
-        grid,
-        source.stages(int(plan.restore[0])) if len(plan.restore) else None,
+        stages,
+        writer,
+        grid=options.grid_spec(),
         seed=options.seed,
         training_noise_seed=options.training_noise_seed,
-        packed=source.format != "folder",  # type: ignore[arg-type]
+        new_sigma_min=plan.new_sigma_min,
+        new_sigma_max=plan.new_sigma_max,
+        on_bad_sample=options.on_bad_sample,
         num_workers=num_workers,
         on_progress=on_progress,
     )
@@ -501,26 +743,43 @@ def _run_shards(
     finally:
         if bar is not None:
             bar.close()
-    return to_restore
+    return to_restore - sum(1 for i in executor.skipped if source.sigma_min[i] > options.sigma_out)
 
 
-def _publish(source: RestoreSource, plan: RestorePlan, arguments: dict[str, Any], run_dir: RunDir, nfe: int) -> None:
-    """Rank 0, after every shard is journaled: assemble the version and rename it into place."""
-    finished = run_dir.finished()
-    missing = [s.id for s in plan.shards if s.id not in finished]
+def _publish(
+    writer: DatasetWriter,
+    source: RestoreSource,
+    plan: RestorePlan,
+    stages: Stages | None,
+    options: RestoreOptions,
+    nfe: int,
+    staging: Path,
+    dst: Path,
+) -> dict[str, Any]:
+    """Rank 0, after every shard is committed: sidecar, ``dataset.json``, manifest, rename."""
+    writer.reload()
+    committed = writer.committed
+    missing = [s.id for s in plan.shards if s.number not in committed]
     if missing:
-        raise RuntimeError(f"cannot publish {run_dir.dst}: shards not journaled: {missing[:5]}")
-    section = {"num_restored": int(len(plan.restore)), "nfe_per_sample": nfe, "shards": len(plan.shards)}
-    publish_version(
-        source,
-        run_dir,
-        [record for s in plan.shards for record in finished[s.id]],
-        shard_of={int(i): s.id for s in plan.shards if s.kind == "restore" for i in s.indices},
-        new_sigma_min=plan.new_sigma_min,
-        new_sigma_max=plan.new_sigma_max,
-        arguments=arguments,
-        section=section,
-    )
+        raise RuntimeError(f"cannot publish {dst}: shards not committed: {missing[:5]}")
+    codec, _ = _codec_section(stages, committed, options.output_codec)
+    bad = [
+        [f"shard-{number:06d}", key, why]
+        for number, record in sorted(committed.items())
+        for key, why in record.get("note", {}).get("skipped", [])
+    ]
+    section = {
+        "num_restored": int(sum(r.get("note", {}).get("restored", 0) for r in committed.values())),
+        "nfe_per_sample": nfe,
+        "shards": len(plan.shards),
+        "grid": {**options.grid_spec().to_json(), "steps": plan.steps},
+        "codec": codec,
+        "bad_samples": {"skipped": len(bad), "samples": bad[:_REPORTED_BAD]},
+    }
+    info = {k: v for k, v in source.dataset.info.items() if k != "labels"}
+    writer.close(extra={"restoration": section}, info=info, timestamp=False, extra_files=source.extra_files())
+    os.rename(staging, dst)
+    return section
 
 
 def _print_main(ctx: RankContext, enabled: bool, line: str) -> None:
@@ -529,5 +788,5 @@ def _print_main(ctx: RankContext, enabled: bool, line: str) -> None:
 
 
 def staging_folder(dst: str | os.PathLike[str]) -> Path:
-    """Where an unfinished restoration into ``dst`` keeps its state (``.DST.partial``)."""
+    """Where an unfinished restoration into ``dst`` keeps the version being written (``.DST.partial``)."""
     return staging_dir(Path(dst).resolve())
