@@ -165,14 +165,20 @@ class LatentStages(Stages):
             whose samples carry captions).
         components: the loaded pipeline.
         settings: the latent options.
-        index: a restored sample (fixes the image size; all restored samples share it).
+        pixels: the run's pixel stages (decode, size checks, resize, output codec), as the
+            driver builds them from its options (:meth:`.io.RestoreSource.stages`).
         seed: the run seed (the VAE posterior sample's per-sample seeds derive from it).
     """
 
     def __init__(
-        self, source: RestoreSource, components: LatentComponents, settings: LatentSettings, index: int, seed: int = 0
+        self,
+        source: RestoreSource,
+        components: LatentComponents,
+        settings: LatentSettings,
+        pixels: Stages,
+        seed: int = 0,
     ) -> None:
-        pixels = source.stages(index)
+        index = int(np.flatnonzero(np.asarray(source.sigma_min) > 0)[0])
         if len(pixels.storage_shape) != 3 or pixels.storage_shape[0] != 3:
             raise DatasetFormatError(
                 f"{source.dataset.describe(index)}: latent restoration takes RGB images, the restored samples are "
@@ -287,8 +293,9 @@ def latent_restoration(
         f"{latent_fingerprint(components)}\0{sorted(components.describe().items())!r}".encode()
     ).hexdigest()
 
-    def stages(source: RestoreSource) -> LatentStages:
-        restored = np.flatnonzero(np.asarray(source.sigma_min) > 0)
-        return LatentStages(source, components, settings, int(restored[0]) if len(restored) else 0, seed)
+    def stages(source: RestoreSource, pixels: Stages | None = None) -> LatentStages:
+        if pixels is None:
+            pixels = source.stages(int(np.flatnonzero(np.asarray(source.sigma_min) > 0)[0]))
+        return LatentStages(source, components, settings, pixels, seed)
 
     return {"denoiser": components.denoiser, "stages": stages, "model_fingerprint": fingerprint}
