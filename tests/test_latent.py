@@ -10,18 +10,26 @@ folder; the tokenizer is a character-level CLIP BPE (one token per character) bu
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import random
+import signal
 import string
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from ambient_fast.core.noise import STREAM_RESTORE, derive_seeds, sample_normal
-from ambient_fast.data import to_uint8_image
+from ambient_fast.data import Sample, open_dataset, to_uint8_image, write_dataset
 from ambient_fast.latent import (
     Conditioning,
     DiffusersDenoiser,
@@ -32,7 +40,8 @@ from ambient_fast.latent import (
     vp_log_sigmas,
 )
 from ambient_fast.latent.vae import to_uint8
-from ambient_fast.restoration.latent_stages import LatentBatch, LatentSettings, latent_sampler
+from ambient_fast.restoration import restore_dataset, staging_folder
+from ambient_fast.restoration.latent_stages import LatentBatch, LatentSettings, latent_restoration, latent_sampler
 from ambient_fast.restoration.sampler import RestorationSampler, SamplerConfig
 from ambient_fast.restoration.stages import GridSpec, float_codec
 from ambient_fast.samplers import restore
@@ -546,6 +555,191 @@ def test_guidance_changes_the_restoration(sd_pipeline):
     assert not torch.equal(base, run(["a cat", "a dog"], 1.0))
     swapped = run(["a dog", "a cat"], 3.5)
     assert not torch.equal(base[0], swapped[0])
+
+
+# ---------------------------------------------------------------------------------------
+# The one driver: JPEG caption shards in, restored shards out; ranks; a real kill and resume.
+
+CAPTION_LEVELS = [2.0, 0.0, 1.0, 2.0, 0.5, 0.0, 2.0]  # scaled-latent units; 0 = clean, copied byte for byte
+
+
+def jpeg_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_caption_shards(root: Path, levels: list[float], *, captions: bool = True) -> Path:
+    """WebDataset shards of 16x16 JPEGs with captions, JSON metadata and an unknown member."""
+    rng = np.random.default_rng(0)
+    samples = [
+        Sample(
+            index=i,
+            key=f"s{i:04d}",
+            array=None,
+            data=jpeg_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
+            sigma_min=level,
+            caption=f"photo {i} of a {'cat' if i % 2 else 'dog'}" if captions or i != 2 else None,
+            metadata={"source": "test", "i": i},
+            extras={"extra.bin": bytes([i, 255 - i])},
+        )
+        for i, level in enumerate(levels)
+    ]
+    return write_dataset(root, "webdataset", samples, chunk_size=4)
+
+
+@pytest.fixture(scope="module")
+def caption_shards(tmp_path_factory) -> Path:
+    return write_caption_shards(tmp_path_factory.mktemp("captions") / "v0", CAPTION_LEVELS)
+
+
+LATENT_RUN = dict(grid="global", num_steps=30, rho_ambient=2.0, batch_size=3, shard_size=4, progress=False,
+                  reader="pil", num_workers=2, state_dtype="float64", backend="torch")
+
+
+def latent_run(pipeline, src: Path, dst: Path, settings: LatentSettings | None = None, **overrides):
+    """``restore_dataset`` on the latent stages (what ``ambient-fast restore --diffusers`` runs)."""
+    kwargs = latent_restoration(pipeline, settings or LatentSettings(), seed=0, device="cpu")
+    return restore_dataset(src=src, dst=dst, **kwargs, **{**LATENT_RUN, **overrides})
+
+
+def read_version(root: Path) -> tuple[object, list[Sample]]:
+    dataset = open_dataset(root)
+    return dataset, [dataset.read(i) for i in range(len(dataset))]
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_jpeg_caption_shards_in_restored_shards_out(sd_pipeline, caption_shards, tmp_path):
+    """Keys, captions, metadata and unknown members pass through; clean JPEGs byte for byte;
+    restored samples are PNG with the halved level, their latents stored, and each equals the
+    reference restoration of that sample alone."""
+    components = load_components(sd_pipeline)
+    report = latent_run(components, caption_shards, tmp_path / "v1", LatentSettings(store_latents=True))
+    assert report.num_restored == 5 and report.num_copied == 2
+    src_set, src = read_version(caption_shards)
+    out_set, out = read_version(tmp_path / "v1")
+    assert out_set.keys == src_set.keys and out_set.format == "webdataset"
+    grid = GridSpec("global", 30)
+    for a, b in zip(src, out, strict=True):
+        assert (b.caption, b.metadata, b.extras["extra.bin"]) == (a.caption, a.metadata, a.extras["extra.bin"])
+        if a.sigma_min == 0:
+            assert b.data == a.data and b.sigma_min == 0  # the JPEG, byte for byte
+            continue
+        assert b.data[:8] == b"\x89PNG\r\n\x1a\n" and b.sigma_min == a.sigma_min / 2
+        latent = np.load(io.BytesIO(b.extras["latent.npy"]))
+        assert latent.dtype == np.float16 and latent.shape == (4, 8, 8)
+        image = torch.from_numpy(a.array).permute(2, 0, 1).unsqueeze(0).contiguous()
+        alone = reference_restoration(
+            components, image, [a.caption], torch.tensor([a.sigma_min], dtype=torch.float64),
+            derive_seeds(torch.tensor([a.index]), 0), grid=grid, method="heun", guidance=3.5,
+        )[0].permute(1, 2, 0).numpy()
+        assert np.abs(b.array.astype(int) - alone.astype(int)).max() <= 1
+        assert np.abs(b.array.astype(int) - a.array.astype(int)).mean() > 10
+    assert out_set.manifest["params"]["stages"]["latent"]["guidance_scale"] == 3.5
+
+
+def test_sample_without_caption_is_refused_by_key(sd_pipeline, tmp_path):
+    src = write_caption_shards(tmp_path / "src", CAPTION_LEVELS, captions=False)
+    with pytest.raises(ValueError, match="s0002.*no caption"):
+        latent_run(sd_pipeline, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+TORCHRUN_CHILD = """
+import sys
+import torch
+torch.set_num_threads(1)
+from ambient_fast.restoration.distributed import init_from_env
+from ambient_fast.restoration.latent_stages import LatentSettings, latent_restoration
+from ambient_fast.restoration import restore_dataset
+from tests.test_latent import LATENT_RUN
+
+ctx = init_from_env()
+restore_dataset(src=sys.argv[2], dst=sys.argv[3], **latent_restoration(sys.argv[1], LatentSettings(), device="cpu"),
+                **LATENT_RUN)
+ctx.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_gloo_ranks_equal_one_process(sd_pipeline, caption_shards, tmp_path):
+    """``torchrun --nproc-per-node 2`` (gloo, CPU) writes the same version, byte for byte."""
+    latent_run(sd_pipeline, caption_shards, tmp_path / "one")
+    script = tmp_path / "child.py"
+    script.write_text(TORCHRUN_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+         str(sd_pipeline), str(caption_shards), str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
+
+
+KILL_CHILD = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from ambient_fast.restoration.latent_stages import LatentSettings, latent_restoration
+from ambient_fast.restoration import restore_dataset
+from tests.test_latent import LATENT_RUN
+
+
+class Slow(torch.nn.Module):
+    # 20 ms per network evaluation, so the run lasts several seconds and the kill lands mid-run.
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, sigma, cond):
+        time.sleep(0.02)
+        return self.inner(x, sigma, cond)
+
+
+kwargs = latent_restoration(sys.argv[1], LatentSettings(), device="cpu")
+kwargs["denoiser"] = Slow(kwargs["denoiser"]).eval()
+restore_dataset(src=sys.argv[2], dst=sys.argv[3], **kwargs, **LATENT_RUN)
+"""
+
+
+def test_killed_latent_run_resumes_to_identical_output(sd_pipeline, tmp_path):
+    """SIGKILL at a random point after the first committed shard, then a rerun: byte-identical
+    to an uninterrupted run."""
+    src = write_caption_shards(tmp_path / "src", CAPTION_LEVELS * 2)
+    latent_run(sd_pipeline, src, tmp_path / "clean")
+    dst = tmp_path / "dst"
+    script = tmp_path / "child.py"
+    script.write_text(KILL_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    child = subprocess.Popen([sys.executable, str(script), str(sd_pipeline), str(src), str(dst)], env=env,
+                             stderr=subprocess.PIPE)
+
+    def committed() -> int:
+        return len(list((staging_folder(dst) / ".chunks").glob("chunk-*.json")))
+
+    try:
+        deadline = time.monotonic() + 300
+        while committed() < 1:
+            assert child.poll() is None, child.stderr.read().decode()[-4000:]
+            assert time.monotonic() < deadline, "the child never committed a shard"
+            time.sleep(0.02)
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))  # a random point after that
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+    assert not dst.exists(), "the run finished before the kill; make the child slower"
+    done = committed()
+    report = latent_run(sd_pipeline, src, dst)
+    assert report.shards_resumed >= done >= 1
+    assert tree_bytes(dst) == tree_bytes(tmp_path / "clean")
+    assert not staging_folder(dst).exists()
 
 
 # ---------------------------------------------------------------------------------------
