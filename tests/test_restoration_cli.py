@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ambient_fast.cli import build_parser, main
-from ambient_fast.commands.restore import pixel_defaults
+from ambient_fast.commands.restore import path_defaults
 from ambient_fast.core.precond import EDMPrecond
 from ambient_fast.restoration import load_denoiser, read_denoiser_config, save_denoiser
 from tests.test_restoration_dataset import make_denoiser, make_png_dataset, tree_bytes
@@ -89,7 +89,14 @@ def test_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
         (["--seed", str(2**32)], "--seed"),
         (["--rho-ambient", "0.5"], "--rho-ambient"),
         (["--sigma-out", "nan"], "--sigma-out"),
-        (["--batch-size", "4", "--shard-size", "6"], "--shard-size"),
+        (["--shard-size", "0"], "--shard-size"),
+        (["--output-codec", "jpeg"], "--output-codec"),
+        (["--output-codec", "webp:101"], "--output-codec"),
+        (["--on-bad-sample", "ignore"], "--on-bad-sample"),
+        (["--resolution", "0x8"], "--resolution"),
+        (["--max-pixels", "0"], "--max-pixels"),
+        (["--reader", "opencv"], "--reader"),
+        (["--grid", "global", "--sigma-out", "0.1"], "--sigma-out"),
         (["--compile", "reduce-overhead", "--cuda-graph", "on"], "--cuda-graph"),
         (["--precision", "fp8"], "--precision"),
         (["--device", "tpu"], "--device"),
@@ -141,6 +148,8 @@ def test_dry_run_and_run(setup, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main([*base, "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["dry_run"] and plan["num_restored"] == 9 and plan["nfe_per_sample"] == 7
+    # the batch's memory: 4 pinned slots of 4 samples (raw + output rows 1x8x8 u8 + 5 levels + 3 seeds/levels)
+    assert plan["host_batch_bytes"] == 4 * 4 * (64 + 64 + 8 * 5 + 8 * 3) and plan["device_batch_bytes"] > 0
     assert not (tmp_path / "dst").exists()
     assert main([*base, "--report", str(tmp_path / "report.json")]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
@@ -154,5 +163,7 @@ def test_dry_run_and_run(setup, tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 def test_command_is_registered() -> None:
     parser = build_parser()
-    args = pixel_defaults(parser.parse_args(["restore", "--model", "m", "--src", "s", "--dst", "d"]))
-    assert args.method == "heun" and args.num_steps == 18 and args.rho_ambient == 8.0
+    args = path_defaults(parser.parse_args(["restore", "--model", "m", "--src", "s", "--dst", "d"]))
+    assert args.method == "heun" and args.num_steps == 18 and args.rho_ambient == 8.0 and args.grid == "per_sample"
+    latent = path_defaults(parser.parse_args(["restore", "--diffusers", "m", "--src", "s", "--dst", "d"]))
+    assert (latent.num_steps, latent.rho_ambient, latent.grid) == (30, 2.0, "global")  # ANCHORS 3.3

@@ -65,7 +65,7 @@ def tree_bytes(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     }
 
 
-FAST = dict(num_steps=6, backend="torch", progress=False, num_workers=2, reader="pil")
+FAST = dict(num_steps=6, backend="torch", progress=False, num_workers=2)
 
 
 @pytest.fixture

@@ -19,8 +19,19 @@ examples:
   ambient-fast restore --model ckpt.safetensors --src data/x --dst out/x1 --dry-run
   torchrun --nproc-per-node 8 -m ambient_fast.cli restore --model ckpt.safetensors \\
       --src data/cifar-blur --dst data/cifar-restored --batch-size 1024 --precision bf16
+  ambient-fast restore --model ckpt.safetensors --src shards/laion-jpeg --dst shards/laion-r1 \
+      --resize --output-codec webp          # JPEG WebDataset shards in, lossless WebP out, captions kept
   ambient-fast restore --diffusers models/my-sd --src shards/diffusiondb --dst shards/restored-1 \
-      --guidance-scale 3.5 --store-latents        # latent text-to-image, captions kept
+      --guidance-scale 3.5 --store-latents  # latent text-to-image on the same engine (anchors' global grid)
+
+Images (JPEG, PNG, WebP) are decoded by DALI where it is installed (--reader), checked
+against --max-pixels before anything is allocated, and restored samples are written
+losslessly (PNG under the same key) unless --output-codec asks for a lossy re-encode (the
+manifest and report then say it is a corruption the new sigma_min does not describe).
+Captions, JSON and unknown members of a sample travel through untouched; clean samples are
+decode-checked and copied byte for byte; a sample that does not decode is skipped and named
+(or fatal with --on-bad-sample raise). A second run on one --dst gets one line naming the
+run that holds its lock; a stale lock from a killed run is taken over.
 """
 
 from __future__ import annotations
@@ -66,8 +77,29 @@ def _seed(text: str) -> int:
     return value
 
 
+def _output_codec(text: str) -> str:
+    from ..restoration import parse_output_codec
+
+    try:
+        return str(parse_output_codec(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("output_codec must be", "expected")) from None
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    height, sep, width = text.lower().partition("x")
+    if not sep:
+        height = width = text
+    if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 256x256) or one size, got {text!r}")
+    return int(height), int(width)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..restoration.dataset import READERS
+    from ..restoration.io import DEFAULT_MAX_PIXELS
     from ..restoration.sampler import COMPILE_MODES, METHODS, START_NOISE
+    from ..restoration.stages import GRID_SCHEDULES
 
     parser.set_defaults(_parser=parser)
     io = parser.add_argument_group("input and output")
@@ -88,6 +120,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--dst", type=Path, required=True, metavar="OUT", help="new dataset version (must not exist)")
     io.add_argument(
         "--report", type=Path, default=None, metavar="FILE", help="write the JSON report here (default: stdout)"
+    )
+    io.add_argument(
+        "--output-codec",
+        type=_output_codec,
+        default="png",
+        metavar="CODEC",
+        help="restored images: png (lossless), webp (lossless), webp:Q or jpeg:Q (lossy, Q 1-100: a new "
+        "corruption the new sigma_min does not describe) (default: %(default)s)",
+    )
+    io.add_argument(
+        "--on-bad-sample",
+        choices=("skip", "raise"),
+        default="skip",
+        help="a sample that does not decode: skip it (counted and named in the report) or stop (default: %(default)s)",
+    )
+    io.add_argument(
+        "--resize",
+        action="store_true",
+        help="resize and centre-crop restored images of another size to the run's (else they are refused)",
+    )
+    io.add_argument(
+        "--resolution",
+        type=_resolution,
+        default=None,
+        metavar="HxW",
+        help="size of the restored images (default: the first restored sample's)",
+    )
+    io.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="refuse any image whose header says more pixels, before allocating (default: %(default)s = 4096^2)",
+    )
+    io.add_argument(
+        "--reader",
+        choices=READERS,
+        default="auto",
+        help="image decoder: dali (GPU decode on CUDA, DALI's CPU pipeline on CPU), pil, or auto = dali where "
+        "installed (default: %(default)s)",
     )
     s = parser.add_argument_group("sampling (SPEC 5)")
     s.add_argument(
@@ -123,6 +195,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--rho", type=_positive_float, default=7.0, help="grid curvature (default: %(default)s)")
     s.add_argument(
+        "--grid",
+        choices=GRID_SCHEDULES,
+        default=None,
+        help="per_sample: a rho grid from each sample's sigma_min (SPEC 5, anchors' pixel runs); global: the "
+        "global EDM grid from --sigma-max truncated at each level (anchors' text-to-image) "
+        "(default: per_sample; latent: global)",
+    )
+    s.add_argument(
+        "--sigma-max", type=_positive_float, default=80.0, help="top of the global grid (default: %(default)s)"
+    )
+    s.add_argument(
         "--sigma-floor", type=_positive_float, default=0.002, help="lowest positive grid level (default: %(default)s)"
     )
     s.add_argument(
@@ -148,15 +231,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument(
         "--shard-size",
         type=positive_int,
-        default=None,
+        default=1024,
         metavar="N",
-        help="restored samples per shard, a multiple of --batch-size (default: >= 1024)",
+        help="source samples per shard: one chunk (tar shard, tensor part) of the new version and the unit of "
+        "resume (default: %(default)s)",
     )
     e.add_argument(
         "--state-dtype",
         choices=("float32", "float64"),
-        default=None,
-        help="sampler state (anchors: float64) (default: float32; latent: float64)",
+        default="float32",
+        help="sampler state (anchors: float64) (default: %(default)s)",
     )
     e.add_argument(
         "--precision",
@@ -188,26 +272,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     r = parser.add_argument_group("run control")
     r.add_argument("--restart", action="store_true", help="discard an unfinished run into --dst instead of resuming it")
-    r.add_argument(
-        "--fsync", action="store_true", help="flush each shard to disk before journaling it (survives power loss)"
-    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar or summary line")
-    r.add_argument("--dry-run", action="store_true", help="validate everything, print the plan, write nothing")
-    from ..latent.cli import add_latent_arguments
-
-    add_latent_arguments(parser, common=False)
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate everything, print the plan and the batch's host and device memory, write nothing",
+    )
+    t = parser.add_argument_group("latent text-to-image restoration (--diffusers)")
+    t.add_argument("--diffusers", type=Path, default=None, metavar="DIR", help="local diffusers pipeline folder")
+    t.add_argument(
+        "--guidance-scale",
+        type=_float_at_least(0.0),
+        default=3.5,
+        help="classifier-free guidance scale (anchors: 3.5; 1 = no guidance) (default: %(default)s)",
+    )
+    t.add_argument(
+        "--timestep-mapping",
+        choices=("interpolated", "nearest"),
+        default="interpolated",
+        help="sigma -> the model's timestep (default: %(default)s)",
+    )
+    t.add_argument("--negative-caption", default="", help="caption of the unconditional rows (default: empty)")
+    t.add_argument("--store-latents", action="store_true", help="also write key.latent.npy per restored sample")
+    t.add_argument(
+        "--latent-dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default="float16",
+        help="stored latent dtype (default: %(default)s)",
+    )
+    t.add_argument("--encode-sample", action="store_true", help="VAE posterior sample instead of its mean")
 
 
 def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Cross-option rules and paths (``parser.error`` names the option)."""
-    if args.shard_size is not None and args.shard_size % args.batch_size:
-        parser.error(
-            f"argument --shard-size: must be a multiple of --batch-size ({args.batch_size}), got {args.shard_size}"
-        )
     if args.cuda_graph == "on" and args.compile == "reduce-overhead":
         parser.error("argument --cuda-graph: 'on' is not allowed with --compile reduce-overhead (graphs cannot nest)")
-    if not args.model.is_file():
+    if args.model is not None and not args.model.is_file():
         parser.error(f"argument --model: no such file: {args.model}")
+    if args.diffusers is not None and not (args.diffusers / "model_index.json").is_file():
+        parser.error(f"argument --diffusers: not a diffusers pipeline folder (no model_index.json): {args.diffusers}")
+    if args.grid == "global" and args.sigma_out > 0:
+        parser.error("argument --sigma-out: must be 0 with --grid global (the global grid integrates to 0)")
     if not args.src.exists():
         parser.error(f"argument --src: no such dataset: {args.src}")
     if args.device not in ("auto", "cpu") and not args.device.startswith("cuda"):
@@ -220,44 +325,33 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("argument --cuda-graph: 'on' needs CUDA")
 
 
-def pixel_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the options shared with ``--diffusers`` whose default differs per path (pixel: anchors' CIFAR)."""
-    args.num_steps = 18 if args.num_steps is None else args.num_steps
-    args.rho_ambient = 8.0 if args.rho_ambient is None else args.rho_ambient
-    args.state_dtype = args.state_dtype or "float32"
+def path_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the options whose default differs per path: pixel = anchors' CIFAR restoration
+    (18-point per-sample grid, rho_ambient 8); ``--diffusers`` = anchors' text-to-image
+    restoration (30-point global grid, rho_ambient 2, ANCHORS 3.3)."""
+    latent = args.diffusers is not None
+    args.num_steps = (30 if latent else 18) if args.num_steps is None else args.num_steps
+    args.rho_ambient = (2.0 if latent else 8.0) if args.rho_ambient is None else args.rho_ambient
+    args.grid = args.grid or ("global" if latent else "per_sample")
     return args
-
-
-def _run_latent(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``--diffusers``: latent text-to-image restoration of WebDataset shards (ambient_fast.latent)."""
-    from ..latent.cli import run_latent
-
-    if args.model is not None:
-        parser.error("argument --model: not allowed with --diffusers (the pipeline folder holds the model)")
-    if not args.src.exists():
-        parser.error(f"argument --src: no such dataset: {args.src}")
-    args.resume = not args.restart  # like pixel restoration, an unfinished run into --dst is continued
-    args.annotations = None
-    args.device = None if args.device == "auto" else args.device
-    args.state_dtype = args.state_dtype or "float64"
-    return run_latent(args)
 
 
 def run(args: argparse.Namespace) -> int:
     parser = args._parser
-    if args.diffusers is not None:
-        return _run_latent(parser, args)
-    if args.model is None:
+    if args.diffusers is not None and args.model is not None:
+        parser.error("argument --model: not allowed with --diffusers (the pipeline folder holds the model)")
+    if args.model is None and args.diffusers is None:
         parser.error("one of the arguments --model or --diffusers is required")
-    pixel_defaults(args)
+    path_defaults(args)
     _check(parser, args)
-    from ..restoration import read_denoiser_config
+    from ..restoration import DestinationLocked, read_denoiser_config
     from ..restoration.distributed import init_from_env
 
-    try:
-        read_denoiser_config(args.model)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(f"argument --model: {err}")
+    if args.model is not None:
+        try:
+            read_denoiser_config(args.model)
+        except (ValueError, FileNotFoundError) as err:
+            parser.error(f"argument --model: {err}")
     ctx = init_from_env()
     device = None if args.device == "auto" else args.device
     try:
@@ -267,6 +361,9 @@ def run(args: argparse.Namespace) -> int:
         # Success path only: after a rank-local error a barrier could wait on a peer that is
         # blocked in a different collective.
         ctx.barrier()
+    except DestinationLocked as err:  # one line: who holds --dst
+        print(f"ambient-fast restore: {err}", file=sys.stderr)
+        return 1
     except (ValueError, FileExistsError, FileNotFoundError) as err:  # bad data, changed arguments, existing dst
         print(f"ambient-fast restore: error: {err}", file=sys.stderr)
         return 1
@@ -284,13 +381,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model(args: argparse.Namespace, device: str | None) -> dict:
+    """``restore_dataset``'s model keywords: a pixel checkpoint, or the latent path's stages."""
+    if args.diffusers is None:
+        return {"denoiser": args.model}
+    from ..restoration.latent_stages import LatentSettings, latent_restoration
+
+    settings = LatentSettings(
+        guidance_scale=args.guidance_scale,
+        encode_sample=args.encode_sample,
+        store_latents=args.store_latents,
+        latent_dtype=args.latent_dtype,
+    )
+    return latent_restoration(
+        args.diffusers,
+        settings,
+        seed=args.seed,
+        device=device,
+        timestep_mapping=args.timestep_mapping,
+        negative_caption=args.negative_caption,
+    )
+
+
 def _restore(args: argparse.Namespace, device: str | None):
     from ..restoration import restore_dataset
 
     return restore_dataset(
-        args.model,
-        args.src,
-        args.dst,
+        **_model(args, device),
+        src=args.src,
+        dst=args.dst,
         num_steps=args.num_steps,
         batch_size=args.batch_size,
         method=args.method,
@@ -299,6 +418,8 @@ def _restore(args: argparse.Namespace, device: str | None):
         sigma_out=args.sigma_out,
         rho=args.rho,
         sigma_floor=args.sigma_floor,
+        grid=args.grid,
+        sigma_max=args.sigma_max,
         start_noise=args.start_noise,
         training_noise_seed=args.training_noise_seed,
         state_dtype=args.state_dtype,
@@ -306,10 +427,15 @@ def _restore(args: argparse.Namespace, device: str | None):
         compile=args.compile,
         cuda_graph={"auto": None, "on": True, "off": False}[args.cuda_graph],
         shard_size=args.shard_size,
+        output_codec=args.output_codec,
+        on_bad_sample=args.on_bad_sample,
+        resize=args.resize,
+        resolution=args.resolution,
+        max_pixels=args.max_pixels,
+        reader=args.reader,
         device=device,
         num_workers=args.workers,
         restart=args.restart,
-        fsync=args.fsync,
         progress=not args.no_progress,
         dry_run=args.dry_run,
     )

@@ -68,7 +68,7 @@ from .batch import (
 from .dataset import Dataset, FileImageDataset, ImageDataset, WebDataset, size_problem
 from .errors import BadSampleError
 
-__all__ = ["DALIBatchLoader", "build_dali_pipeline", "dali_available"]
+__all__ = ["DALIBatchLoader", "DALIImageDecoder", "build_dali_pipeline", "dali_available"]
 
 
 def dali_available() -> bool:
@@ -475,3 +475,89 @@ def build_dali_pipeline(
         device_id=device_id,
         index_dir=index_dir,
     )
+
+
+class DALIImageDecoder:
+    """Decode batches of encoded images (PNG, JPEG, WebP bytes) with DALI into uint8 ``(n, C, H, W)``.
+
+    The restoration engine's reader: it reads (and hashes) the bytes itself, checks every
+    header, then hands a batch of bytes here. ``device="mixed"`` decodes on the GPU (nvJPEG /
+    nvImageCodec) and returns a CUDA tensor; ``"cpu"`` uses DALI's CPU pipeline and returns
+    a CPU tensor. With ``resize`` every image is scaled (aspect kept) to cover ``size`` and
+    centre-cropped to it; without, every image must already be ``size`` (checked by the
+    caller). Synchronous: one ``decode`` call, one pipeline run (no prefetch), so the caller
+    keeps its own order and error handling (on a decoder failure, decode that batch with
+    PIL to name the bad file).
+
+    Args:
+        batch_size: the largest batch ``decode`` takes.
+        channels: 1 (grayscale) or 3 (RGB).
+        size: ``(H, W)`` of the output.
+        resize: resize + centre crop (else sizes must match).
+        device: ``"cpu"`` or ``"mixed"``.
+        num_threads: DALI CPU threads.
+        device_id: CUDA device for ``"mixed"`` (default: current).
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        channels: int,
+        size: tuple[int, int],
+        *,
+        resize: bool = False,
+        device: str = "cpu",
+        num_threads: int = 2,
+        device_id: int | None = None,
+    ):
+        if not dali_available():
+            raise ImportError("NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+        if device not in ("cpu", "mixed"):
+            raise ValueError(f"device must be 'cpu' or 'mixed', got {device!r}")
+        if device == "mixed" and not torch.cuda.is_available():
+            raise RuntimeError("device='mixed' decodes on the GPU and needs CUDA; use device='cpu'")
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import Pipeline
+
+        self.device, self.size, self.channels = device, (int(size[0]), int(size[1])), int(channels)
+        self.device_id = None
+        if device == "mixed":
+            self.device_id = device_id if device_id is not None else torch.cuda.current_device()
+        pipe = Pipeline(
+            batch_size=int(batch_size),
+            num_threads=max(1, int(num_threads)),
+            device_id=self.device_id,
+            prefetch_queue_depth=1,
+            exec_async=False,
+            exec_pipelined=False,
+        )
+        with pipe:
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, batch=True, no_copy=False)
+            images = fn.decoders.image(encoded, device=device, output_type=types.GRAY if channels == 1 else types.RGB)
+            if resize:
+                height, width = self.size
+                images = fn.resize(images, size=[height, width], mode="not_smaller")
+                images = fn.crop(images, crop=[height, width], out_of_bounds_policy="trim_to_shape")
+            pipe.set_outputs(fn.transpose(images, perm=[2, 0, 1]))
+        pipe.build()
+        self.pipeline = pipe
+
+    def decode(self, encoded: Sequence[bytes]) -> torch.Tensor:
+        """uint8 ``(len(encoded), C, H, W)``: on the GPU for ``"mixed"``, else on the CPU."""
+        if not encoded:
+            raise ValueError("decode needs at least one image")
+        self.pipeline.feed_input("encoded", [np.frombuffer(data, dtype=np.uint8) for data in encoded])
+        (out,) = self.pipeline.run()
+        n, (height, width) = len(encoded), self.size
+        if self.device == "mixed":
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            tensor = torch.empty((n, self.channels, height, width), dtype=torch.uint8, device=f"cuda:{self.device_id}")
+            feed_ndarray(out.as_tensor(), tensor, cuda_stream=torch.cuda.current_stream(tensor.device))
+            torch.cuda.current_stream(tensor.device).synchronize()
+            return tensor
+        array = np.asarray(out.as_tensor())
+        if array.shape != (n, self.channels, height, width):
+            raise RuntimeError(f"DALI decoded shape {array.shape}, expected {(n, self.channels, height, width)}")
+        return torch.from_numpy(array.copy())

@@ -541,11 +541,7 @@ def restore_dataset(
                 resolution=options.resolution,
                 output_codec=parse_output_codec(options.output_codec),
             )
-    used_reader = _select_reader(reader, source, run_stages, stages is not None)
-    if run_stages is not None and used_reader == "dali":
-        from .dali_reader import dali_stages
-
-        run_stages = dali_stages(run_stages, source, dev, options)
+    used_reader = _select_reader(reader, source, run_stages)
     arguments = _plain_json(
         {
             **asdict(options),
@@ -608,7 +604,7 @@ def restore_dataset(
 
         start = time.perf_counter()
         restored_here = _run_shards(
-            model, source, run_stages, writer, plan, options, config, dev, ctx, mine, num_workers, progress
+            model, source, run_stages, writer, plan, options, config, dev, ctx, mine, num_workers, progress, used_reader
         )
         seconds = time.perf_counter() - start
         counts = ctx.gather((restored_here, seconds))
@@ -633,11 +629,11 @@ def restore_dataset(
     return report
 
 
-def _select_reader(reader: str, source: RestoreSource, stages: Stages | None, custom: bool) -> str:
-    """``"dali"`` or ``"pil"`` for this run (tensor datasets have nothing to decode: ``"pil"``)."""
+def _select_reader(reader: str, source: RestoreSource, stages: Stages | None) -> str:
+    """``"dali"`` or ``"pil"`` for this run (``"pil"`` where there is no image to decode)."""
     from ..data import dali_available
 
-    if not source.is_image or stages is None:
+    if not source.is_image or stages is None or stages.image is None:
         return "pil"
     if reader == "dali" and not dali_available():
         raise ValueError(
@@ -701,6 +697,7 @@ def _run_shards(
     shards: list[Shard],
     num_workers: int,
     progress: bool,
+    reader: str,
 ) -> int:
     """Restore and copy this rank's shards; returns the number of samples restored."""
     if not shards:
@@ -718,12 +715,25 @@ def _run_shards(
             with lock:
                 bar.update(count)
 
-    sampler = None
+    sampler = decoder = None
     if to_restore:
         assert stages is not None
         sampler = RestorationSampler(
             model, stages.storage_shape, options.batch_size, config, codec=stages.device, device=device
         )
+        if reader == "dali":
+            from ..data.dali_pipeline import DALIImageDecoder
+
+            spec = stages.image
+            decoder = DALIImageDecoder(
+                options.batch_size,
+                spec.channels,
+                (spec.height, spec.width),
+                resize=spec.resize,
+                device="mixed" if device.type == "cuda" else "cpu",
+                num_threads=num_workers,
+                device_id=device.index if device.type == "cuda" else None,
+            )
     executor = ShardExecutor(
         sampler,
         source,
@@ -737,6 +747,7 @@ def _run_shards(
         on_bad_sample=options.on_bad_sample,
         num_workers=num_workers,
         on_progress=on_progress,
+        decoder=decoder,
     )
     try:
         executor.run(shards)

@@ -203,14 +203,17 @@ class RestoreSource:
         if height * width > max_pixels:
             raise DatasetError(f"resolution {height}x{width} exceeds max_pixels={max_pixels}")
         shape = (channels, height, width)
+        spec = ImageSpec(channels, height, width, resize, max_pixels)
 
         def read_image(raw: RawSample, out: np.ndarray) -> None:
-            out[...] = decode_checked(raw, channels, (height, width), max_pixels, resize).transpose(2, 0, 1)
+            out[...] = spec.decode(raw).transpose(2, 0, 1)
 
         def image_output(i: int, outputs: dict[str, np.ndarray]):
             return output_codec.encode(np.ascontiguousarray(outputs["sample"].transpose(1, 2, 0))), None, {}
 
-        return Stages(IMAGE_UINT8, shape, read_image, image_output, {"codec": str(output_codec), "resize": resize})
+        return Stages(
+            IMAGE_UINT8, shape, read_image, image_output, {"codec": str(output_codec), "resize": resize}, image=spec
+        )
 
     # ------------------------------------------------------------------ fingerprint
     def fingerprint(self) -> str:
@@ -235,30 +238,43 @@ class RestoreSource:
         return {rel: (self.root / rel).read_bytes() for rel in _walk_files(self.root) if rel not in skip}
 
 
+@dataclass(frozen=True)
+class ImageSpec:
+    """The images a run restores: uint8 ``(channels, height, width)``; other sizes are refused
+    or (``resize``) resized and centre-cropped; headers above ``max_pixels`` are refused."""
+
+    channels: int
+    height: int
+    width: int
+    resize: bool
+    max_pixels: int
+
+    def check(self, raw: RawSample) -> ImageInfo:
+        """Header checks before any decode: complete file, ``max_pixels``, size (:class:`SizeMismatch`)."""
+        info = probe_image(raw.data, raw.where)
+        check_pixels(info, raw.where, self.max_pixels)
+        if (info.height, info.width) != (self.height, self.width) and not self.resize:
+            raise SizeMismatch(
+                f"sample {raw.key!r} ({raw.where}): {info.height}x{info.width} (H x W), but this run restores "
+                f"{self.height}x{self.width} images; pass --resize (resize=True) to resize and centre-crop it"
+            )
+        return info
+
+    def decode(self, raw: RawSample) -> np.ndarray:
+        """uint8 ``(H, W, C)`` with PIL, after :meth:`check`."""
+        self.check(raw)
+        array = decode_image(raw.data, raw.where, self.channels)
+        if array.shape[:2] != (self.height, self.width):
+            array = resize_center_crop(array, self.height, self.width)
+        return array
+
+
 def check_pixels(info: ImageInfo, where: str, max_pixels: int) -> None:
     if info.width * info.height > max_pixels:
         raise DatasetError(
             f"{where}: header says {info.width}x{info.height} = {info.width * info.height} pixels, above "
             f"max_pixels={max_pixels} (--max-pixels); refusing to allocate it"
         )
-
-
-def decode_checked(raw: RawSample, channels: int, size: tuple[int, int], max_pixels: int, resize: bool) -> np.ndarray:
-    """uint8 ``(H, W, C)`` of an image sample of the run's ``size``: header checked against
-    ``max_pixels`` before decoding; another size is refused (:class:`SizeMismatch`) or, with
-    ``resize``, scaled (short side, Lanczos) and centre-cropped to it."""
-    info = probe_image(raw.data, raw.where)
-    check_pixels(info, raw.where, max_pixels)
-    height, width = size
-    if (info.height, info.width) != (height, width) and not resize:
-        raise SizeMismatch(
-            f"sample {raw.key!r} ({raw.where}): {info.height}x{info.width} (H x W), but this run restores "
-            f"{height}x{width} images; pass --resize (resize=True) to resize and centre-crop it"
-        )
-    array = decode_image(raw.data, raw.where, channels)
-    if array.shape[:2] != (height, width):
-        array = resize_center_crop(array, height, width)
-    return array
 
 
 def resize_center_crop(array: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -299,4 +315,4 @@ def bad_reason(err: BadSampleError) -> str:
     return f"{err.where}: {err.reason}"
 
 
-__all__ += ["npy_bytes", "decode_checked", "resize_center_crop", "check_pixels", "bad_reason"]
+__all__ += ["npy_bytes", "ImageSpec", "resize_center_crop", "check_pixels", "bad_reason"]

@@ -38,6 +38,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -117,6 +118,9 @@ class ShardExecutor:
         on_bad_sample: ``"skip"`` (drop the sample, count and name it) or ``"raise"``.
         num_workers: IO threads (read, decode, encode, write).
         on_progress: called with ``(count, "restore" | "copy")`` as samples finish.
+        decoder: a batch image decoder (:class:`~ambient_fast.data.dali_pipeline.DALIImageDecoder`)
+            used instead of ``stages.read_into`` for image stages (``stages.image`` set); a batch
+            it fails on is decoded with PIL sample by sample, which names the bad file.
     """
 
     def __init__(
@@ -134,8 +138,10 @@ class ShardExecutor:
         on_bad_sample: str = "skip",
         num_workers: int = 4,
         on_progress: Callable[[int, str], None] | None = None,
+        decoder: Any = None,
     ) -> None:
         self.sampler, self.source, self.stages, self.writer = sampler, source, stages, writer
+        self.decoder = decoder if stages is not None and stages.image is not None else None
         self.grid, self.seed, self.training_noise_seed = grid, seed, training_noise_seed
         self.new_sigma_min, self.new_sigma_max = new_sigma_min, new_sigma_max
         self.on_bad_sample = on_bad_sample
@@ -271,6 +277,53 @@ class ShardExecutor:
                 state.codecs_in[codec] = state.codecs_in.get(codec, 0) + 1
         return raw
 
+    def _fetch_checked(self, state: _ShardState, index: int) -> RawSample | None:
+        """Read and header-check one sample for the batch decoder (None: dropped as bad)."""
+        try:
+            raw = self.source.fetch(index)
+            state.digests[index] = raw.digest
+            codec = self.stages.image.check(raw).codec
+        except BadSampleError as err:
+            self._bad(state, index, err)
+            return None
+        with self._lock:
+            state.codecs_in[codec] = state.codecs_in.get(codec, 0) + 1
+        return raw
+
+    def _decode_group(
+        self, group: list, slot: HostBatch, base: int, pool: ThreadPoolExecutor
+    ) -> list[RawSample | None]:
+        """Decode ``group``'s samples into rows ``base + j`` of ``slot`` (``None``: dropped)."""
+        raw_rows = slot.raw.numpy()
+        if self.decoder is None:
+            futures = [
+                pool.submit(self._decode_one, state, i, raw_rows[base + j]) for j, (_, state, i) in enumerate(group)
+            ]
+            return [f.result() for f in futures]
+        results = [f.result() for f in [pool.submit(self._fetch_checked, state, i) for _, state, i in group]]
+        good = [j for j, raw in enumerate(results) if raw is not None]
+        if not good:
+            return results
+        try:
+            images = self.decoder.decode([results[j].data for j in good])
+        except Exception:  # noqa: BLE001 - a decoder failure: PIL names the bad file (or proves it fine)
+            log.warning("restoration: DALI failed on a batch; decoding it with PIL to find the bad sample")
+            states = {i: state for _, state, i in group}
+            for j in good:
+                raw = results[j]
+                try:
+                    raw_rows[base + j] = self.stages.image.decode(raw).transpose(2, 0, 1)
+                except BadSampleError as err:
+                    self._bad(states[raw.index], raw.index, err)
+                    results[j] = None
+            if slot.raw_device is not None:
+                slot.raw_device[base : base + len(group)].copy_(torch.from_numpy(raw_rows[base : base + len(group)]))
+            return results
+        target = slot.raw_device if slot.raw_device is not None else slot.raw
+        rows = torch.as_tensor(good, device=target.device) + base
+        target.index_copy_(0, rows, images.to(target.device))
+        return results
+
     def _read(
         self, states: Sequence[_ShardState], free: queue.Queue, ready: queue.Queue, pool: ThreadPoolExecutor
     ) -> None:
@@ -295,14 +348,12 @@ class ShardExecutor:
                     self._reader_shard = max(self._reader_shard, group[-1][0])
                     self._reader_at.notify_all()
                 base = len(kept)
-                futures = [
-                    pool.submit(self._decode_one, state, i, raw_rows[base + j]) for j, (_, state, i) in enumerate(group)
-                ]
-                results = [f.result() for f in futures]
+                results = self._decode_group(group, slot, base, pool)
+                rows = slot.raw_device if slot.raw_device is not None else raw_rows
                 for j, raw in enumerate(results):  # compact: rows of dropped samples are filled by later ones
                     if raw is not None:
                         if len(kept) != base + j:
-                            raw_rows[len(kept)] = raw_rows[base + j]
+                            rows[len(kept)] = rows[base + j]
                         kept.append(raw)
                 if self._stop.is_set():
                     return
@@ -319,6 +370,8 @@ class ShardExecutor:
                 seed=self.seed,
                 training_noise_seed=self.training_noise_seed,
             )
+            if slot.raw_device is not None:
+                slot.raw_device[len(kept) :] = slot.raw_device[:1]
             if not self._put(ready, _Batch(indices, kept, slot)):
                 return
         with self._reader_at:
@@ -373,7 +426,10 @@ class ShardExecutor:
                 self._write_shard(st)
         free: queue.Queue = queue.Queue()
         for _ in range(SLOTS if restoring else 0):
-            free.put(self.sampler.new_host_batch())
+            slot = self.sampler.new_host_batch()
+            if self.decoder is not None and self.decoder.device == "mixed":  # GPU decode straight to the device
+                slot.raw_device = torch.empty_like(slot.raw, device=self.sampler.device)
+            free.put(slot)
         ready: queue.Queue = queue.Queue(maxsize=SLOTS)
         submitted: queue.Queue = queue.Queue()
         if not restoring:

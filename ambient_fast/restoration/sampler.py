@@ -120,6 +120,8 @@ class HostBatch:
     start_seeds: torch.Tensor  # (B,) int64: seeds of the training's frozen noise (start_noise="training")
     outputs: dict[str, torch.Tensor]  # name -> (B, *shape): DeviceCodec.outputs, "sample" = restored rows
     context: Any = None  # Stages.prepare's per-batch host context, handed to DeviceCodec.encode
+    raw_device: torch.Tensor | None = None  # (B, *storage_shape) on the sampler's device: used instead of raw
+    # when set (a GPU decoder wrote the batch there; its writer synchronised before submit)
     count: int = 0
     ready: torch.cuda.Event | None = None
 
@@ -391,6 +393,8 @@ class RestorationSampler:
                 out.copy_(self.outputs[name])
             batch.ready = None
             return
+        if batch.raw_device is not None:
+            host = (batch.raw_device, *host[1:])
         k = self._slot
         self._slot ^= 1
         staging = self._staging[k]

@@ -6,8 +6,11 @@ they differ only in the :class:`Stages` object that the driver is given:
 
 **Host hooks** (IO threads of the driver; numpy, no device work):
 
-- :meth:`Stages.read_into` decodes sample ``i`` into one row of the pinned host batch
-  (storage dtype, :attr:`Stages.storage_shape`).
+- :attr:`Stages.read_into` ``(raw, out)`` decodes one source sample (a
+  :class:`~.io.RawSample`: its bytes, read once by the driver and hashed for the resume
+  check) into one row of the pinned host batch (storage dtype, :attr:`Stages.storage_shape`).
+  For images with a :attr:`Stages.image` spec the driver may instead decode whole batches
+  with DALI (``reader="dali"``), straight into the device staging buffer on CUDA.
 - :meth:`Stages.prepare` returns per-batch host context (e.g. the captions of the rows)
   for :meth:`DeviceCodec.encode`; it runs on the reader thread, so tokenisation overlaps
   the device.
@@ -237,14 +240,18 @@ class Stages:
             :class:`~ambient_fast.data.BadSampleError` for an undecodable sample).
         encode_output: ``(index, outputs) -> (data bytes | None, array | None, extras)``
             the stored form of a restored row (see :meth:`to_sample`).
-        description: recorded in the manifest (``{"codec": ..., ...}``).
+        description: recorded in the run arguments and the manifest (``{"codec": ..., ...}``).
+        image: for uint8 image storage: the :class:`~.io.ImageSpec` (size, resize, max_pixels)
+            that lets the driver decode whole batches with DALI instead of ``read_into``
+            (None: always ``read_into``).
     """
 
     device: DeviceCodec
     storage_shape: tuple[int, ...]
-    read_into: Callable[[int, np.ndarray], None]
+    read_into: Callable[[Any, np.ndarray], None]  # (RawSample, out row)
     encode_output: Callable[[int, dict[str, np.ndarray]], tuple[bytes | None, np.ndarray | None, dict[str, bytes]]]
     description: dict[str, Any] = field(default_factory=dict)
+    image: Any = None
 
     def prepare(self, indices: np.ndarray) -> Any:
         """Per-batch host context for :meth:`DeviceCodec.encode` (reader thread); default None."""
