@@ -742,6 +742,33 @@ def test_killed_latent_run_resumes_to_identical_output(sd_pipeline, tmp_path):
     assert not staging_folder(dst).exists()
 
 
+def test_restore_command_restores_jpeg_caption_shards(sd_pipeline, caption_shards, tmp_path, capsys):
+    """``ambient-fast restore --diffusers DIR``: the anchors' text-to-image defaults (30-point global
+    grid -> 29 evaluations at 2.0, rho_ambient 2), JPEG caption shards in, restored shards out."""
+    from ambient_fast.cli import main
+
+    base = ["restore", "--diffusers", str(sd_pipeline), "--src", str(caption_shards), "--device", "cpu",
+            "--batch-size", "3", "--shard-size", "4", "--workers", "2", "--no-progress", "--reader", "pil"]
+    assert main([*base, "--dst", str(tmp_path / "dry"), "--dry-run"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["num_restored"] == 5 and plan["nfe_per_sample"] == 29 and not (tmp_path / "dry").exists()
+    with pytest.raises(SystemExit):
+        main([*base, "--dst", str(tmp_path / "x"), "--model", str(sd_pipeline / "model_index.json")])
+    assert "not allowed with --diffusers" in capsys.readouterr().err
+    out = tmp_path / "restored"
+    assert main([*base, "--dst", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_restored"] == 5 and report["arguments"]["grid"] == "global"
+    _, source = read_version(caption_shards)
+    _, restored = read_version(out)
+    assert [s.key for s in restored] == [s.key for s in source]
+    assert [(s.caption, s.metadata, s.extras["extra.bin"]) for s in restored] == [
+        (s.caption, s.metadata, s.extras["extra.bin"]) for s in source
+    ]
+    assert [r.sigma_min for r in restored] == [s.sigma_min / 2 for s in source]
+    assert all((r.data == s.data) == (s.sigma_min == 0) for r, s in zip(restored, source, strict=True))
+
+
 # ---------------------------------------------------------------------------------------
 # Other pipeline layouts: SDXL (two encoders, pooled + time ids) and PixArt (DiT, learned sigma).
 

@@ -37,9 +37,7 @@ import torch
 
 from ..core.noise import derive_seeds
 from ..data import DatasetFormatError
-from ..latent import GuidedDenoiser, LatentComponents
-from ..latent.adapter import DiffusersDenoiser
-from ..latent.conditioning import Tokens
+from ..latent import DiffusersDenoiser, GuidedDenoiser, LatentComponents, Tokens
 from ..latent.vae import to_uint8
 from .checkpoint import file_sha256, module_fingerprint
 from .io import RestoreSource
