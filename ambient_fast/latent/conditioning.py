@@ -151,6 +151,16 @@ class Tokens:
         """Rows ``start:stop``."""
         return Tokens(tuple((ids[start:stop], mask[start:stop]) for ids, mask in self.pairs))
 
+    def pin_memory(self) -> Tokens:
+        """Page-locked copies (so :meth:`to` a CUDA device does not wait for the device)."""
+        return Tokens(tuple((ids.pin_memory(), mask.pin_memory()) for ids, mask in self.pairs))
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Tokens:
+        return Tokens(
+            tuple((ids.to(device, non_blocking=non_blocking), m.to(device, non_blocking=non_blocking))
+                  for ids, m in self.pairs)
+        )
+
     def pad(self, rows: int) -> Tokens:
         """``rows`` rows: these, then copies of row 0 (a static batch's padding)."""
         extra = rows - self.rows

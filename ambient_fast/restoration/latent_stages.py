@@ -109,6 +109,7 @@ class LatentCodec(DeviceCodec):
             )
         self.latent_channels = int(getattr(config, "latent_channels", 4))
         self.image_size = (height, width)
+        self._sizes: dict[int, torch.Tensor] = {}  # (B, 2) image sizes on the device, per batch size
         self.rows = 1 if float(settings.guidance_scale) == 1.0 else 2
         sizes = torch.tensor([self.image_size])
         # One conditional and one unconditional row: the layout and dtypes of the static buffers.
@@ -133,13 +134,19 @@ class LatentCodec(DeviceCodec):
         (``context``, a :class:`LatentBatch` of ``n <= B`` rows, padded with row 0) -> ``cond``."""
         if not isinstance(context, LatentBatch):
             raise ValueError("latent restoration needs the batch's captions (a LatentBatch from LatentStages.prepare)")
-        batch = raw.shape[0]
+        # Host data is pinned (LatentStages.prepare) and copied without blocking: a pageable copy
+        # would make the host wait for the previous batch's replay on this stream.
+        batch, device = raw.shape[0], raw.device
         seeds = None
         if self.settings.encode_sample:
-            seeds = torch.cat([context.seeds, context.seeds[:1].expand(batch - len(context.seeds))])
+            seeds = context.seeds.to(device, non_blocking=True)
+            seeds = torch.cat([seeds, seeds[:1].expand(batch - len(seeds))])
         y0.copy_(self.vae.encode(raw, sample=self.settings.encode_sample, seeds=seeds))
-        sizes = torch.tensor([self.image_size]).expand(batch, 2)
-        for name, rows in self.text.encode(context.tokens.pad(batch), sizes).flatten().items():
+        sizes = self._sizes.get(batch)
+        if sizes is None:
+            sizes = self._sizes[batch] = torch.tensor([self.image_size], device=device).expand(batch, 2)
+        tokens = context.tokens.to(device, non_blocking=True).pad(batch)
+        for name, rows in self.text.encode(tokens, sizes).flatten().items():
             cond[name][:, 0].copy_(rows)
         for name, row in self._uncond.items():
             cond[name][:, 1].copy_(row.expand(batch, *row.shape[1:]))
@@ -208,7 +215,10 @@ class LatentStages(Stages):
                 )
             captions.append(caption)
         ids = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return LatentBatch(self.device.text.tokenize(captions), derive_seeds(ids, self.seed))
+        tokens, seeds = self.device.text.tokenize(captions), derive_seeds(ids, self.seed)
+        if self.device.vae.device.type == "cuda":
+            tokens, seeds = tokens.pin_memory(), seeds.pin_memory()
+        return LatentBatch(tokens, seeds)
 
     def _encode_output(
         self, index: int, outputs: dict[str, np.ndarray]
