@@ -31,7 +31,9 @@ architecture and a CLIP ViT-L/14-sized text encoder; or ``--diffusers PATH``.
 Usage::
 
     python benchmarks/bench_latent.py --out /tmp/latent_cpu.md                     # CPU, tiny, 32 px
-    python benchmarks/bench_latent.py --size sd --out /tmp/latent_gpu.md           # CUDA: 256 + 512 px
+    python benchmarks/bench_latent.py --out /tmp/latent_gpu.md                     # CUDA: sd size, 256 px
+    python benchmarks/bench_latent.py --resolutions 256,512 --out /tmp/latent_gpu.md  # and 512 px
+    python benchmarks/bench_latent.py --smoke --out /tmp/latent_smoke.md           # wiring check (any device)
 """
 
 from __future__ import annotations
@@ -84,11 +86,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (default 5)")
     parser.add_argument("--state-dtype", choices=("float32", "float64"), default="float32", help="sampler state")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--smoke", action="store_true", help="wiring check: tiny models, 16 px, batch 2, 1 round")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
+    if args.smoke:
+        args.size, args.resolutions, args.batch, args.rounds = "tiny", args.resolutions or "16", args.batch or 2, 1
     args.size = args.size or ("sd" if cuda else "tiny")
     args.batch = args.batch or (8 if args.size == "tiny" else 16)
-    default_res = "32" if args.size == "tiny" else "256,512"
+    default_res = "32" if args.size == "tiny" else "256"
     args.resolutions = [int(r) for r in (args.resolutions or default_res).split(",")]
     args.modes = args.modes.split(",") if args.modes else [m for m in MODES if cuda or m not in CUDA_MODES]
     bad = [m for m in args.modes if m not in MODES]
