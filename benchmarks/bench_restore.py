@@ -3,6 +3,7 @@
 One command per machine::
 
     python benchmarks/bench_restore.py --mode cpu            # this repo's CPU numbers
+    python benchmarks/bench_restore.py --mode readers        # DALI CPU reader vs PIL reader (CPU)
     python benchmarks/bench_restore.py --mode gpu --out bench_restore_gpu.json   # H100/H200
 
 (the full GPU sweep, with max-autotune compilation, can outlast a 10-minute device call:
@@ -15,6 +16,14 @@ settings (18-level grid, Heun, 35 NFE): the anchors' loop (one image at a time, 
 vs ``restore_dataset`` on all of them. Both include PNG decode, encode and write. Agreement:
 the same images restored by both, compared in model space (ours: float32 state) and as
 written uint8 PNGs.
+
+Readers mode (issue 12): 4,096 JPEG 64x64 RGB samples (quality 90) in 8 WebDataset shards
+with captions, all at sigma_min 1.2, restored end to end (read, decode, sample, PNG encode,
+tar write) with a small pixel UNet (``unet-tiny`` at 3 channels without attention) and a
+one-point grid (NFE 1: the reader's share is what is measured), by the
+DALI CPU reader and by the PIL reader in interleaved rounds; also the readers' decode alone
+(the same batches, DALI's ``DALIImageDecoder`` vs PIL ``decode_image``). The ratio is read
+from the best round of each.
 
 GPU mode: for an EDM-CIFAR-10-size UNet (``unet-cifar10``, 3x32x32, 55.7 M parameters) and a
 small latent-size UNet (4x32x32), batches 256-1024, K = 8/18/32 (Heun to 0: NFE 2K-1) and the
@@ -229,9 +238,10 @@ def time_sampler(
     host = sampler.new_host_batch()
     host.raw.normal_()
     ids = torch.arange(batch)
+    from ambient_fast.restoration import GridSpec
     from ambient_fast.restoration.sampler import fill_host_batch
 
-    fill_host_batch(host, ids, torch.full((batch,), 1.2, dtype=torch.float64), sigma_out=0.0, num_steps=k, seed=0)
+    fill_host_batch(host, ids, torch.full((batch,), 1.2, dtype=torch.float64), grid=GridSpec("per_sample", k), seed=0)
     for _ in range(2):  # capture / compile / autotune, then one clean replay
         sampler.submit(host)
         host.wait()
@@ -380,9 +390,112 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# Readers (CPU): DALI CPU pipeline vs PIL
+
+
+def jpeg_shards(root: Path, n: int, shards: int, size: int, quality: int = 90) -> Path:
+    """``n`` random-texture JPEG ``size x size`` RGB samples with captions in ``shards`` tars."""
+    import io
+    import tarfile
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    per = -(-n // shards)
+    lines = []
+    base = rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)
+    for s in range(shards):
+        with tarfile.open(root / f"{s:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as archive:
+            for i in range(s * per, min(n, (s + 1) * per)):
+                # smooth content (upsampled noise) + fine noise, so the JPEGs have realistic sizes
+                img = np.kron(np.roll(base, i, axis=0), np.ones((4, 4, 1), dtype=np.uint8))
+                img = np.clip(img.astype(int) + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(img).save(buffer, format="JPEG", quality=quality)
+                for name, data in ((f"s{i:06d}.jpg", buffer.getvalue()), (f"s{i:06d}.txt", f"sample {i}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+                lines.append(json.dumps({"filename": f"s{i:06d}", "sigma_min": 1.2}))
+    (root / "annotations.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def bench_readers(args: argparse.Namespace) -> dict:
+    """End-to-end restore images/s and decode-only images/s, DALI CPU reader vs PIL, interleaved."""
+    import os
+
+    from ambient_fast.data import decode_image
+    from ambient_fast.data.dali_pipeline import DALIImageDecoder
+
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench_readers_"))
+    try:
+        src = jpeg_shards(work / "src", args.reader_images, args.reader_shards, args.reader_size)
+        source = open_dataset(src)
+        denoiser = random_denoiser("unet-tiny", channels=3, attention_levels=())
+        encoded = [source.read_bytes(i) for i in range(len(source))]
+        batch = args.batch_size
+        decoder = DALIImageDecoder(batch, 3, (args.reader_size, args.reader_size), num_threads=args.workers)
+        rows: dict[str, list[dict]] = {"dali": [], "pil": []}
+        decode: dict[str, list[float]] = {"dali": [], "pil": []}
+        for round_ in range(args.rounds):
+            for reader in ("dali", "pil"):
+                start = time.perf_counter()
+                for a in range(0, len(encoded), batch):
+                    chunk = encoded[a : a + batch]
+                    if reader == "dali":
+                        decoder.decode(chunk)
+                    else:
+                        from concurrent.futures import ThreadPoolExecutor
+
+                        with ThreadPoolExecutor(args.workers) as pool:
+                            list(pool.map(lambda d: decode_image(d, "bench", 3), chunk))
+                decode[reader].append(len(encoded) / (time.perf_counter() - start))
+                dst = work / f"{reader}-{round_}"
+                wall = time.perf_counter()
+                report = restore_dataset(
+                    denoiser,
+                    src,
+                    dst,
+                    num_steps=args.reader_steps,
+                    batch_size=batch,
+                    reader=reader,
+                    num_workers=args.workers,
+                    shard_size=len(source) // args.reader_shards,
+                    progress=False,
+                )
+                wall = time.perf_counter() - wall
+                rows[reader].append(
+                    {
+                        "images_per_second": report.images_per_second,
+                        "wall_images_per_second": report.restored_this_run / wall,
+                        "nfe_per_sample": report.nfe_per_sample,
+                    }
+                )
+                shutil.rmtree(dst)
+        best = {r: max(v, key=lambda x: x["images_per_second"]) for r, v in rows.items()}
+        result = {
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {args.workers} IO threads",
+            "load_average": os.getloadavg(),
+            "network": f"unet-tiny at 3 channels, no attention ({count_parameters(denoiser.net):,} parameters)",
+            "dataset": f"{len(source)} JPEG {args.reader_size}x{args.reader_size} RGB q90 in {args.reader_shards} "
+            f"WebDataset shards ({sum(map(len, encoded)) / len(encoded):.0f} B mean), all at sigma_min 1.2",
+            "rounds": args.rounds,
+            "batch_size": batch,
+            "restore": {r: {"best": best[r], "rounds": rows[r]} for r in rows},
+            "restore_ratio_dali_over_pil": best["dali"]["images_per_second"] / best["pil"]["images_per_second"],
+            "decode_images_per_second": {r: max(v) for r, v in decode.items()},
+            "decode_ratio_dali_over_pil": max(decode["dali"]) / max(decode["pil"]),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=("auto", "cpu", "gpu"), default="auto")
+    parser.add_argument("--mode", choices=("auto", "cpu", "gpu", "readers"), default="auto")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--workers", type=int, default=4, help="IO threads of restore_dataset")
     parser.add_argument("--baseline-images", type=int, default=32, help="images the anchors' loop restores")
@@ -392,6 +505,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu.add_argument("--images", type=int, default=1024, help="demo samples restored by ours per round")
     cpu.add_argument("--rounds", type=int, default=3)
     cpu.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=tuple(AMP))
+    rd = parser.add_argument_group("readers")
+    rd.add_argument("--reader-images", type=int, default=4096)
+    rd.add_argument("--reader-shards", type=int, default=8)
+    rd.add_argument("--reader-size", type=int, default=64)
+    rd.add_argument("--reader-steps", type=int, default=1, help="grid points (Heun to 0: NFE 2K-1)")
     gpu = parser.add_argument_group("gpu")
     gpu.add_argument("--networks", nargs="+", default=["cifar10", "latent"], choices=("cifar10", "latent"))
     gpu.add_argument("--batch-sizes", nargs="+", type=int, default=[256, 1024])
@@ -404,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     mode = args.mode if args.mode != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    result = bench_gpu(args) if mode == "gpu" else bench_cpu(args)
+    result = {"gpu": bench_gpu, "readers": bench_readers}.get(mode, bench_cpu)(args)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out is not None:

@@ -79,3 +79,23 @@ def test_dataset_graph_equals_eager_over_many_batches(tmp_path: Path) -> None:
     graph, eager = open_dataset(tmp_path / "graph"), open_dataset(tmp_path / "eager")
     for i in range(len(graph)):
         np.testing.assert_array_equal(graph.decode(i), eager.decode(i))
+
+
+def test_dali_gpu_decode_into_staging_equals_pil(tmp_path: Path) -> None:
+    """``reader="dali"`` on CUDA decodes with ``fn.decoders.image(device="mixed")`` straight into
+    the device staging buffer (``HostBatch.raw_device``); PNGs decode exactly, so the version
+    equals the PIL reader's (manifest aside: it records the reader)."""
+    from ambient_fast.data import dali_available
+
+    if not dali_available():
+        pytest.skip("NVIDIA DALI is not installed")
+    from tests.test_restoration_dataset import tree_bytes
+
+    src = make_png_dataset(tmp_path / "src", n=20)
+    denoiser = make_denoiser().cuda()
+    opts = dict(num_steps=4, batch_size=4, progress=False)
+    dali = restore_dataset(denoiser, src, tmp_path / "dali", reader="dali", **opts)
+    restore_dataset(denoiser, src, tmp_path / "pil", reader="pil", **opts)
+    assert dali.reader == "dali"
+    skip = ("manifest.json",)
+    assert tree_bytes(tmp_path / "dali", skip=skip) == tree_bytes(tmp_path / "pil", skip=skip)

@@ -2,9 +2,14 @@
 
 Public API:
 
-- :func:`restore_dataset` -- restore every corrupt sample of a dataset version into a new
-  version: resumable (journal + atomic renames), sharded across ``torchrun`` ranks,
-  deterministic per sample (``ambient-fast restore`` is its CLI).
+- :func:`restore_dataset` -- the one dataset driver: restore every corrupt sample of a
+  dataset version (pixel images, JPEG/PNG/WebP or tensors; latent text-to-image via its
+  ``stages``) straight into a new version through the data package's writer: resumable
+  (the writer's chunk records, content-checked), locked (``.DST.lock``), sharded across
+  ``torchrun`` ranks, deterministic per sample (``ambient-fast restore`` is its CLI).
+- :mod:`.stages` -- the stage/codec interface every path implements (:class:`Stages`,
+  :class:`DeviceCodec`) and the grid option (:class:`GridSpec`: per-sample or the
+  anchors' truncated global grid).
 - :class:`RestorationSampler` -- the device engine: a fixed-shape batch, the whole K-step
   loop captured once as a CUDA graph and replayed per batch (eager on CPU).
 - :func:`save_denoiser`, :func:`load_denoiser`, :func:`read_denoiser_config` -- the

@@ -535,7 +535,7 @@ def restore_dataset(
             run_stages = stages(source)
         else:
             run_stages = source.stages(
-                int(plan.restore[0]),
+                source.sizing_sample(plan.restore, options.max_pixels, options.on_bad_sample),
                 max_pixels=options.max_pixels,
                 resize=options.resize,
                 resolution=options.resolution,

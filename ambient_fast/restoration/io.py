@@ -166,6 +166,23 @@ class RestoreSource:
         return int(labels[index]) if labels.ndim == 1 else labels[index]
 
     # ------------------------------------------------------------------ stages
+    def sizing_sample(self, candidates: np.ndarray, max_pixels: int, on_bad_sample: str) -> int:
+        """The first of ``candidates`` (restored samples) whose header is good: it sizes the run's
+        batch buffers. Bad headers before it are skipped (``on_bad_sample="skip"``; the run
+        reports them again when it reaches them) or raised."""
+        if not self.is_image:
+            return int(candidates[0])
+        first: BadSampleError | None = None
+        for index in candidates:
+            try:
+                self.probe(int(index), max_pixels)
+                return int(index)
+            except BadSampleError as err:
+                if on_bad_sample == "raise":
+                    raise
+                first = first or err
+        raise DatasetError(f"{self.root}: no restorable sample has a readable header (first: {first})")
+
     def stages(
         self,
         index: int,
@@ -270,10 +287,12 @@ class ImageSpec:
 
 
 def check_pixels(info: ImageInfo, where: str, max_pixels: int) -> None:
+    """A header above ``max_pixels`` makes the sample bad (:class:`BadSampleError`): refused before decoding."""
     if info.width * info.height > max_pixels:
-        raise DatasetError(
-            f"{where}: header says {info.width}x{info.height} = {info.width * info.height} pixels, above "
-            f"max_pixels={max_pixels} (--max-pixels); refusing to allocate it"
+        raise BadSampleError(
+            where,
+            f"header says {info.width}x{info.height} = {info.width * info.height} pixels, above "
+            f"max_pixels={max_pixels} (--max-pixels); refused before allocating it",
         )
 
 

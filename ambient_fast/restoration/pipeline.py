@@ -8,7 +8,8 @@ committed, and the record keeps a digest of the source bytes it came from (the r
 check re-hashes those samples).
 
 Threads (the device never waits on the host, the host never waits on the device except
-the completion thread, which only waits for finished batches):
+the completion thread, which only waits for finished batches; after a failure it still
+drains the batches the device finished, so their shards are committed):
 
 - **reader** (one thread, fanning reads and decodes out to the IO pool): fills a free host
   batch slot with the next corrupt samples of this rank's shards (batches run across shard
@@ -388,6 +389,11 @@ class ShardExecutor:
         chunk = -(-self.sampler.batch_size // self.num_workers)
         while True:
             batch = self._get(submitted)
+            if batch is None and self._stop.is_set():  # failing: still write what the device finished
+                try:
+                    batch = submitted.get_nowait()
+                except queue.Empty:
+                    return
             if batch is None:
                 return
             batch.slot.wait()

@@ -5,11 +5,15 @@ of one batch is :func:`ambient_fast.samplers.restore.restore`, and this engine c
 same thing (tests check it) under three constraints that the reference does not have:
 
 - **Static shapes and addresses.** Every input of a batch lives in a static device buffer:
-  the stored samples ``raw (B, *shape)`` (uint8 images or floats), the start levels
-  ``sigma_start (B,)``, the per-sample level table ``(K+1, B)`` float64 (transposed, so a
-  step's column is contiguous), and the per-sample seeds ``(B,)`` int64. The loop reads only
-  those, so it is captured once per batch shape and replayed for every batch; a partial last
-  batch is padded by the caller (rows repeat row 0), never recaptured.
+  the stored samples ``raw_in (B, *storage_shape)`` (uint8 images or floats), the model-space
+  start ``y0 (B, *model_shape)`` and the conditioning ``cond[name]`` that the codec's
+  :meth:`~.stages.DeviceCodec.encode` fills (eagerly, before each replay: pixel
+  ``u8 / 127.5 - 1``, latent VAE encode + captions), the start levels ``sigma_start (B,)``,
+  the per-sample level table ``(K+1, B)`` float64 (transposed, so a step's column is
+  contiguous), and the per-sample seeds ``(B,)`` int64. The loop reads only those and writes
+  ``x_out``, which :meth:`~.stages.DeviceCodec.decode` turns into the static outputs after
+  the replay; so the loop is captured once per batch shape and replayed for every batch; a
+  partial last batch is padded by the caller (rows repeat row 0), never recaptured.
 - **No host syncs, no value-dependent Python.** The loop structure depends on ``(K, method,
   final_to_zero)`` only: with ``sigma_out = 0`` every sample's last step goes to 0 (an Euler
   step; NFE ``2K-1`` for Heun, the anchors' 35 at K = 18), otherwise every step is a full Heun
@@ -24,15 +28,17 @@ Execution modes (``compile`` x ``cuda_graph``): the per-step function (one Euler
 ancestral step, network evaluations included) runs eagerly with the fused step kernels of
 :mod:`ambient_fast.kernels.dispatch`, or is ``torch.compile``d with ``fullgraph=True`` (then
 the plain-PyTorch step ops are used so Inductor fuses them with the network's epilogue).
-``cuda_graph=True`` captures the whole K-step trajectory -- start noise, steps, output
-quantisation -- into one ``torch.cuda.CUDAGraph`` after a warm-up on a side stream (which
+``cuda_graph=True`` captures the whole K-step trajectory -- start noise and steps, from
+``y0`` to ``x_out`` -- into one ``torch.cuda.CUDAGraph`` after a warm-up on a side stream (which
 also triggers compilation). ``compile="reduce-overhead"`` instead lets Inductor's CUDA-graph
 trees capture each step (our graph is then off: graphs cannot nest).
 
 Host <-> device: inputs go host (pinned) -> device staging on a copy stream (double
 buffered, so the copy of batch j+1 overlaps the replay of batch j), then one D2D copy into
-the static buffers on the compute stream; the output (already quantised to the storage dtype
-on the device) is copied back into the host batch's pinned buffer and an event is recorded.
+the static buffers on the compute stream (a batch a GPU decoder already wrote to the device,
+``HostBatch.raw_device``, skips the H2D); encode, replay and decode follow on the compute
+stream; the outputs (already quantised to the storage dtype on the device) are copied back
+into the host batch's pinned buffers and an event is recorded.
 Nothing here waits on the device: the consumer of a :class:`HostBatch` waits on its event.
 """
 
