@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from ambient_fast.core.noise import STREAM_RESTORE, derive_seeds, sample_normal
-from ambient_fast.data import Sample, open_dataset, to_uint8_image, write_dataset
+from ambient_fast.data import Sample, dali_available, open_dataset, to_uint8_image, write_dataset
 from ambient_fast.latent import (
     Conditioning,
     DiffusersDenoiser,
@@ -686,6 +686,13 @@ def test_jpeg_caption_shards_in_restored_shards_out(sd_pipeline, caption_shards,
         assert np.abs(b.array.astype(int) - alone.astype(int)).max() <= 1
         assert np.abs(b.array.astype(int) - a.array.astype(int)).mean() > 10
     assert out_set.manifest["params"]["stages"]["latent"]["guidance_scale"] == 3.5
+    if dali_available():  # DALI decodes the latent path's batches too, to the same bytes
+        latent_run(components, caption_shards, tmp_path / "dali", LatentSettings(store_latents=True), reader="dali")
+        without_manifest = [
+            {name: data for name, data in tree_bytes(tmp_path / run).items() if name != "manifest.json"}
+            for run in ("dali", "v1")
+        ]
+        assert without_manifest[0] == without_manifest[1]  # the manifest records the reader
 
 
 def test_sample_without_caption_is_refused_by_key(sd_pipeline, tmp_path):

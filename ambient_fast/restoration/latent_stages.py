@@ -201,7 +201,10 @@ class LatentStages(Stages):
                 "model": components.describe(),
             },
         }
-        super().__init__(codec, pixels.storage_shape, pixels.read_into, self._encode_output, description)
+        # image: the pixel path's decode spec, so DALI decodes the latent path's batches too.
+        super().__init__(
+            codec, pixels.storage_shape, pixels.read_into, self._encode_output, description, image=pixels.image
+        )
 
     def prepare(self, indices: np.ndarray) -> LatentBatch:
         """Tokenise the rows' captions (reader thread); a missing caption is refused by key."""
