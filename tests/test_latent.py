@@ -266,9 +266,16 @@ def test_guided_update_keeps_buffers_in_place():
 def test_conditioning_structure():
     cond = Conditioning({"a": torch.arange(3.0), "added": {"b": torch.ones(3, 2), "c": None}})
     assert cond.batch_size == 3
-    both = Conditioning.cat([cond, cond.select(torch.tensor([2, 0, 1]))])
+    both = Conditioning.interleave([cond, cond.select(torch.tensor([2, 0, 1]))])
     assert both.batch_size == 6 and both.kwargs["added"]["c"] is None
-    assert both.kwargs["a"].tolist() == [0, 1, 2, 2, 0, 1]
+    assert both.kwargs["a"].tolist() == [0, 2, 1, 0, 2, 1]
+    flat = both.flatten()
+    assert sorted(flat) == ["a", "added/b"]
+    rebuilt = both.with_tensors({name: t + 1 for name, t in flat.items()})
+    assert rebuilt.kwargs["a"].tolist() == [1, 3, 2, 1, 3, 2] and rebuilt.kwargs["added"]["c"] is None
+    other = Conditioning({"a": torch.tensor([9.0, 8.0, 7.0]), "added": {"b": torch.zeros(3, 2), "c": None}})
+    rebuilt.copy_rows_(other, 1, 2)  # rows 1, 3, 5: the second of each pair
+    assert rebuilt.kwargs["a"].tolist() == [1, 9, 2, 8, 3, 7]
     with pytest.raises(ValueError, match="batch size"):
         Conditioning({"a": torch.ones(2), "b": torch.ones(3)})
 

@@ -87,10 +87,6 @@ class Conditioning:
 
         return Conditioning(_map_tree(move, self.kwargs))
 
-    def copy_(self, source: Conditioning) -> None:
-        """Copy ``source`` into these tensors in place (same structure and shapes)."""
-        _map_tree(lambda dst, src: dst.copy_(src), self.kwargs, source.kwargs)
-
     def flatten(self) -> dict[str, torch.Tensor]:
         """``{"name": tensor, "parent/name": tensor, ...}``: every tensor by its path (``None`` skipped)."""
         flat: dict[str, torch.Tensor] = {}
@@ -128,13 +124,6 @@ class Conditioning:
         if not parts:
             raise ValueError("Conditioning.interleave: nothing to interleave")
         return Conditioning(_map_tree(lambda *ts: torch.stack(ts, dim=1).flatten(0, 1), *(p.kwargs for p in parts)))
-
-    @staticmethod
-    def cat(parts: Sequence[Conditioning]) -> Conditioning:
-        """Concatenate along the batch: rows of ``parts[0]``, then ``parts[1]``, ..."""
-        if not parts:
-            raise ValueError("Conditioning.cat: nothing to concatenate")
-        return Conditioning(_map_tree(lambda *ts: torch.cat(ts, dim=0), *(p.kwargs for p in parts)))
 
 
 @dataclass(frozen=True)
