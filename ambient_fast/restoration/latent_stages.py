@@ -11,8 +11,8 @@ with the :mod:`.stages` hooks filled in for a diffusers pipeline:
 - device (:class:`LatentCodec`, compute stream, outside the graph): VAE encode of the uint8
   rows in the VAE's compute dtype (bf16 on GPU), batched -> the static ``y0`` (scaled
   latents); the text encoder over the batch's tokens -> the conditional rows of the static
-  conditioning buffers, the unconditional rows (negative caption, encoded once per run)
-  beside them. After the loop: VAE decode -> uint8 rows (and the latents).
+  conditioning buffers; the unconditional rows beside them (negative caption) are encoded
+  and written once per run. After the loop: VAE decode -> uint8 rows (and the latents).
 - in the graph (:meth:`LatentCodec.wrap_denoiser`): classifier-free guidance over the
   static buffers, which are laid out ``(B, 2, ...)`` = the network's ``2B`` interleaved
   rows ``[cond_0, uncond_0, ...]``: one network call per evaluation, the mix
@@ -147,9 +147,7 @@ class LatentCodec(DeviceCodec):
             sizes = self._sizes[batch] = torch.tensor([self.image_size], device=device).expand(batch, 2)
         tokens = context.tokens.to(device, non_blocking=True).pad(batch)
         for name, rows in self.text.encode(tokens, sizes).flatten().items():
-            cond[name][:, 0].copy_(rows)
-        for name, row in self._uncond.items():
-            cond[name][:, 1].copy_(row.expand(batch, *row.shape[1:]))
+            cond[name][:, 0].copy_(rows)  # the unconditional rows [:, 1] were written once (wrap_denoiser)
 
     def decode(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
         outputs["sample"].copy_(to_uint8(self.vae.decode(x)))
@@ -157,7 +155,10 @@ class LatentCodec(DeviceCodec):
             outputs["latent"].copy_(x)
 
     def wrap_denoiser(self, denoiser: Any, cond: dict[str, torch.Tensor]) -> GuidedDenoiser:
-        """CFG over the static buffers: ``(B, rows, ...)`` viewed as the network's ``rows * B`` rows."""
+        """CFG over the static buffers: ``(B, rows, ...)`` viewed as the network's ``rows * B`` rows.
+        Called once per sampler: the unconditional rows (one image size per run) are written here."""
+        for name, row in self._uncond.items():
+            cond[name][:, 1].copy_(row.expand(cond[name].shape[0], *row.shape[1:]))
         flat = {name: buffer.flatten(0, 1) for name, buffer in cond.items()}  # views: no copy
         return GuidedDenoiser.over(denoiser, self._template.with_tensors(flat), self.settings.guidance_scale)
 
