@@ -34,7 +34,7 @@ from .checkpoint import file_sha256, load_denoiser, module_fingerprint
 from .distributed import RankContext
 from .io import DEFAULT_MAX_PIXELS, RestoreSource, open_source, parse_output_codec
 from .lock import DestinationLock
-from .pipeline import SLOTS, Shard, ShardExecutor, plan_shards, source_digest
+from .pipeline import SLOTS, Shard, ShardExecutor, plan_shards, sample_digest, source_digest
 from .resume import ArgumentsChanged, SourceChanged, describe_changes, staging_dir
 from .sampler import COMPILE_MODES, METHODS, START_NOISE, RestorationSampler, SamplerConfig
 from .stages import GRID_SCHEDULES, GridSpec, Stages
@@ -367,7 +367,7 @@ def _verify_sources(source: RestoreSource, plan: RestorePlan, committed: dict[in
             shard = by_number.get(number)
             if shard is None or want is None:
                 raise SourceChanged(f"{shard}: committed chunk {number} does not belong to this restoration plan")
-            digests = list(pool.map(lambda i: source.fetch(int(i)).digest, shard.indices))
+            digests = list(pool.map(lambda i: sample_digest(source, int(i)), shard.indices))
             if source_digest(digests) != want:
                 first, last = source.keys[int(shard.indices[0])], source.keys[int(shard.indices[-1])]
                 raise SourceChanged(
@@ -620,6 +620,7 @@ def restore_dataset(
         report.num_restored = summary["num_restored"]
         report.codec_note = summary["codec"].get("note", "")
         report.bad_samples_skipped = summary["bad_samples"]["skipped"]
+        report.num_copied = plan.num_samples - report.num_restored - report.bad_samples_skipped
         report.bad_samples = [f"{shard} {key}: {why}" for shard, key, why in summary["bad_samples"]["samples"]]
         ctx.barrier()
     finally:

@@ -49,7 +49,7 @@ from .io import RawSample, RestoreSource, bad_reason
 from .sampler import HostBatch, RestorationSampler, fill_host_batch
 from .stages import GridSpec, Stages
 
-__all__ = ["Shard", "ShardExecutor", "plan_shards", "source_digest", "SLOTS"]
+__all__ = ["Shard", "ShardExecutor", "plan_shards", "sample_digest", "source_digest", "SLOTS", "UNREADABLE"]
 
 log = logging.getLogger("ambient_fast.restoration")
 
@@ -78,6 +78,17 @@ def plan_shards(restore_mask: np.ndarray, shard_size: int) -> list[Shard]:
         Shard(k, np.arange(start, min(start + shard_size, n), dtype=np.int64), restore_mask[start : start + shard_size])
         for k, start in enumerate(range(0, n, shard_size))
     ]
+
+
+UNREADABLE = b"unreadable"  # the digest of a sample whose bytes could not be read (a truncated member)
+
+
+def sample_digest(source: RestoreSource, index: int) -> bytes:
+    """Sample ``index``'s source digest (:meth:`RestoreSource.fetch`), :data:`UNREADABLE` if unreadable."""
+    try:
+        return source.fetch(index).digest
+    except BadSampleError:
+        return UNREADABLE
 
 
 def source_digest(digests: Sequence[bytes]) -> str:
@@ -225,7 +236,7 @@ class ShardExecutor:
     def _write_shard(self, state: _ShardState) -> None:
         shard = state.shard
         samples = [state.samples[int(i)] for i in shard.indices if int(i) in state.samples]
-        digests = [state.digests[int(i)] for i in shard.indices]
+        digests = [state.digests.get(int(i), UNREADABLE) for i in shard.indices]
         note = {
             "source_sha256": source_digest(digests),
             "restored": int(
@@ -373,6 +384,8 @@ class ShardExecutor:
             )
             if slot.raw_device is not None:
                 slot.raw_device[len(kept) :] = slot.raw_device[:1]
+                if slot.raw_device.is_cuda:  # the sampler's copy stream reads it next: finish our writes first
+                    torch.cuda.current_stream(slot.raw_device.device).synchronize()
             if not self._put(ready, _Batch(indices, kept, slot)):
                 return
         with self._reader_at:
