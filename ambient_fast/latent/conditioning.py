@@ -2,13 +2,16 @@
 
 :class:`Conditioning` holds the keyword arguments of one conditional network call
 (``encoder_hidden_states``, ``encoder_attention_mask``, ``added_cond_kwargs`` ...), every
-tensor batch-first, so a batch can be indexed, concatenated (conditional rows, then
-unconditional rows: one network call of 2B for classifier-free guidance) and copied in place
-into static buffers (CUDA-graph replay) without knowing which model it is for.
+tensor batch-first, so a batch can be indexed, interleaved (conditional and unconditional
+row of each sample side by side: one network call of 2B rows for classifier-free guidance),
+flattened to named tensors (the restoration engine's static buffers) and copied into in place
+(CUDA-graph replay) without knowing which model it is for.
 
 :class:`CaptionEncoder` turns captions into that structure with the text encoder(s) a
-diffusers pipeline carries, batched, under ``torch.no_grad``, in the encoder's own dtype
-(bf16 on GPU, fp32 on CPU by the loader's policy). Three layouts, as the pipelines do it:
+diffusers pipeline carries, in two steps: :meth:`CaptionEncoder.tokenize` on the host (a
+reader thread; :class:`Tokens`) and :meth:`CaptionEncoder.encode` on the device, batched,
+under ``torch.no_grad``, in the encoder's own dtype (bf16 on GPU, fp32 on CPU by the
+loader's policy). Three layouts, as the pipelines do it:
 
 - ``"single"`` (Stable Diffusion 1.x/2.x, any one ``transformers`` encoder): the last hidden
   state ``(B, L, D)``; the attention mask goes to the encoder only where its config asks
