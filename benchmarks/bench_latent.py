@@ -203,6 +203,8 @@ def bench_resolution(components: LatentComponents, res: int, args: argparse.Name
     grid = GridSpec("global", GLOBAL_POINTS)
     steps = grid.steps(sigma.numpy())
     context = LatentBatch(components.caption_encoder.tokenize(captions), seeds)
+    if device.type == "cuda":  # as LatentStages.prepare does: pinned, so the copy does not wait
+        context = LatentBatch(context.tokens.pin_memory(), context.seeds.pin_memory())
 
     runs: dict[str, Callable[[], torch.Tensor]] = {}
     for mode in args.modes:
