@@ -1,4 +1,6 @@
-"""Latent text-to-image restoration (issue #9): adapter, guidance, grids, pipeline, shards, CLI.
+"""Latent text-to-image restoration on the one engine (issues #9, #12): adapter, guidance, the
+latent stages around the captured sampler vs the reference per sample, the driver (JPEG caption
+shards in and out, torchrun ranks, a real kill and resume), the CLI.
 
 Ground truth: a conditional Gaussian ``x0 | c ~ N(mu(c), Sigma)`` whose exact VP eps (v, sample)
 predictor is written below as a tiny module with the diffusers call signature
