@@ -333,3 +333,18 @@ def test_dali_and_pil_readers_write_the_same_version(tmp_path: Path) -> None:
     assert (dali.reader, pil.reader) == ("dali", "pil")
     skip = ("manifest.json",)  # the manifest records which reader decoded
     assert tree_bytes(tmp_path / "dali", skip=skip) == tree_bytes(tmp_path / "pil", skip=skip)
+
+
+def test_kill_between_manifest_and_rename_is_finished_by_the_rerun(tmp_path: Path) -> None:
+    """A kill after the writer's manifest but before the final rename (or its ``.chunks``
+    cleanup) leaves a complete version in ``.DST.partial``: the rerun only renames it."""
+    src = make_png_dataset(tmp_path / "src", n=8)
+    restore_dataset(make_denoiser(), src, tmp_path / "clean", **FAST)
+    dst = tmp_path / "dst"
+    staging = staging_folder(dst)
+    os.rename(tmp_path / "clean", staging)
+    (staging / ".chunks").mkdir()
+    (staging / ".chunks" / "chunk-000000.json").write_text("{}")
+    want = tree_bytes(staging, skip=(".chunks/chunk-000000.json",))
+    report = restore_dataset(make_denoiser(), src, dst, **FAST)
+    assert report.already_complete and not staging.exists() and tree_bytes(dst) == want

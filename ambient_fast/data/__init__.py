@@ -26,10 +26,14 @@ Annotations (``annotations.jsonl``, anchors' format) [2]
 Writing versions [5, 6]
     ``DatasetWriter(root, format, *, parent=None, creator=, params=None, image_ext=".png",
     jpeg_quality=95, tensor_container="safetensors", resume=False)``:
-        ``write_chunk(samples) -> int`` (atomic, resumable), ``completed_keys``,
-        ``close(extra=None, info=None) -> Path`` (sidecar, ``dataset.json``, manifest last).
+        ``write_chunk(samples, *, chunk=None, note=None) -> int`` (atomic, resumable; explicit
+        chunk numbers let several processes write one version), ``completed_keys``,
+        ``committed``, ``reload()``, ``DatasetWriter.stored_params(root)``,
+        ``close(extra=None, info=None, timestamp=True, extra_files=None) -> Path`` (sidecar,
+        ``dataset.json``, manifest last).
     ``write_dataset(root, format, samples, *, chunk_size=1024, **writer_kwargs) -> Path``
-    ``verify_version(path) -> manifest`` (checksums)
+    ``verify_version(path, *, check_images=True) -> manifest`` (checksums; every image's
+    header and end marker)
     ``to_uint8_image(x (C, H, W) in [-1, 1]) -> uint8 (H, W, C)``
     ``probe_image(bytes, where) -> ImageInfo(codec, width, height, channels)`` (PNG, JPEG,
     WebP headers and end markers, no decode), ``decode_image(bytes, where, channels)``,

@@ -15,7 +15,8 @@ A *version* is a new folder (``root``) in one of the four formats of
 
 Layout per format (``k`` = chunk number):
 
-- ``folder``: ``root/<key>`` image files (key extension decides PNG/JPEG).
+- ``folder``: ``root/<key>`` image files (a sample's encoded ``data`` is stored as given;
+  an ``array`` is encoded by the key's extension: PNG, JPEG or WebP).
 - ``zip``: ``root/dataset.zip`` (images + ``dataset.json`` + ``annotations.jsonl``, stored
   uncompressed like EDM's zips) and ``root/manifest.json``; chunks are staged as
   ``.chunks/chunk-k.zip`` and merged at :meth:`DatasetWriter.close`.
@@ -29,8 +30,12 @@ Atomicity and resumption: every file is written to a temporary name in its desti
 folder, fsynced and renamed; a chunk is *committed* when its record
 ``.chunks/chunk-k.json`` (keys, annotations, labels, checksums) is renamed into place.
 A crashed writer reopened with ``resume=True`` keeps the committed chunks
-(:attr:`DatasetWriter.completed_keys`) and overwrites anything uncommitted. The manifest is
-written last: a folder with a ``manifest.json`` is a complete version.
+(:attr:`DatasetWriter.completed_keys`, :attr:`DatasetWriter.committed`) and overwrites
+anything uncommitted. Chunks may be written with explicit numbers, out of order, by several
+processes into one version (each opens it with ``resume=True``; one calls ``close``, which
+re-reads every committed record), and carry a ``note`` (e.g. the digest of the source bytes
+they came from): this is the restoration engine's journal. The manifest is written last: a
+folder with a ``manifest.json`` is a complete version.
 
 Safety: ``root`` must be new (or an unfinished version when resuming) and may not lie
 inside or around the parent dataset; every key passes the path check, so no key can write

@@ -592,6 +592,7 @@ def restore_dataset(
     lock = DestinationLock(dst_path)
     try:
         ctx.on_main(lock.acquire)
+        ctx.on_main(lambda: _finish_interrupted_publish(staging, dst_path, arguments, restart))
         if dst_path.exists() and ctx.on_main(lambda: _complete_version(dst_path, arguments)):
             report.already_complete = True
             _print_main(ctx, progress, report.summary())
@@ -628,6 +629,26 @@ def restore_dataset(
             lock.release()
     _print_main(ctx, progress, report.summary())
     return report
+
+
+def _finish_interrupted_publish(staging: Path, dst: Path, arguments: dict[str, Any], restart: bool) -> None:
+    """A run killed after the version's manifest was written but before the final rename left
+    a complete version in ``.DST.partial``: rename it (same arguments) or discard it (restart)."""
+    if dst.exists() or not (staging / "manifest.json").is_file():
+        return
+    if restart:
+        shutil.rmtree(staging)
+        return
+    manifest = json.loads((staging / "manifest.json").read_text())
+    changes = describe_changes(manifest.get("params", {}), arguments, _argument_label)
+    if changes or manifest.get("creator") != CREATOR:
+        raise ArgumentsChanged(
+            f"refusing to finish the restoration in {staging}: "
+            + "; ".join(changes or ["another creator"])
+            + ". Rerun with the same arguments, or pass restart=True (--restart) to discard it."
+        )
+    shutil.rmtree(staging / ".chunks", ignore_errors=True)  # killed between the manifest and the cleanup
+    os.rename(staging, dst)
 
 
 def _select_reader(reader: str, source: RestoreSource, stages: Stages | None) -> str:

@@ -331,9 +331,12 @@ class RestorationSampler:
         self._stream.wait_stream(side)
         self.graph = graph
 
-    def _run(self, context: Any) -> None:
-        """Encode (eager), the loop (replayed graph or eager), decode (eager)."""
+    def _run(self, context: Any, consumed: torch.cuda.Event | None = None) -> None:
+        """Encode (eager), the loop (replayed graph or eager), decode (eager). ``consumed`` is
+        recorded once encode has read the batch's staging slot (it may then be restaged)."""
         self.codec.encode(self.raw_in, context, self.y0, self.cond)
+        if consumed is not None:
+            consumed.record(self._stream)
         if not self.use_graph:
             self._trajectory()
         else:
@@ -394,7 +397,7 @@ class RestorationSampler:
         host = (batch.raw, batch.sigma_start, batch.table, batch.seeds, batch.start_seeds)
         if not self.cuda:
             self._load_static(*host)
-            self._run(batch.context)
+            self._run(self.codec.stage(self.raw_in, batch.context, 0))
             for name, out in batch.outputs.items():
                 out.copy_(self.outputs[name])
             batch.ready = None
@@ -408,12 +411,14 @@ class RestorationSampler:
             self._copy_stream.wait_event(self._consumed[k])  # the replay two batches ago read it
             for dev, src in zip(staging, host, strict=True):
                 dev.copy_(src, non_blocking=True)
+            # Per-batch device work that may overlap the previous replay (e.g. VAE + text
+            # encoders into the codec's slot k), on the copy stream.
+            context = self.codec.stage(staging[0], batch.context, k)
             self._copied[k].record(self._copy_stream)
         with torch.cuda.stream(self._stream):  # whatever the caller's current stream is
             self._stream.wait_event(self._copied[k])
             self._load_static(*staging)
-            self._consumed[k].record(self._stream)
-            self._run(batch.context)
+            self._run(context, self._consumed[k])
             for name, out in batch.outputs.items():
                 out.copy_(self.outputs[name], non_blocking=True)
             batch.ready = torch.cuda.Event()

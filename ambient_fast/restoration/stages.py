@@ -18,8 +18,10 @@ they differ only in the :class:`Stages` object that the driver is given:
   name in :attr:`DeviceCodec.outputs`) into the :class:`~ambient_fast.data.Sample` the
   version writer stores (encoded bytes, extras such as ``latent.npy``).
 
-**Device hooks** (:class:`DeviceCodec`, main thread, the sampler's compute stream, batched,
-*outside* the captured graph, in this order for every batch):
+**Device hooks** (:class:`DeviceCodec`, main thread, batched, *outside* the captured graph,
+in this order for every batch; :meth:`DeviceCodec.stage` first, optionally, on the copy
+stream into double-buffered slots so it overlaps the previous replay; then on the compute
+stream):
 
 1. :meth:`DeviceCodec.encode` ``(raw, context, y0, cond)``: raw storage rows on the device
    ``(B, *storage_shape)`` -> the sampler's static ``y0 (B, *model_shape)`` (state dtype) and
@@ -170,8 +172,17 @@ class DeviceCodec:
         """Device outputs ``{name: (per-row shape, dtype)}``; ``"sample"`` = the storage rows."""
         return {"sample": (storage_shape, self.storage_dtype)}
 
+    def stage(self, raw: torch.Tensor, context: Any, slot: int) -> Any:
+        """Optional per-batch device work that may overlap the previous batch's replay: on CUDA
+        it runs on the sampler's copy stream right after the H2D copy of ``raw`` into staging
+        slot ``slot`` (0 or 1: double-buffered; slot ``k`` is restaged only after the batch
+        that used it has run :meth:`encode`); on CPU inline. Its return value replaces the
+        context :meth:`encode` gets. Default: no work, the context unchanged."""
+        return context
+
     def encode(self, raw: torch.Tensor, context: Any, y0: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
-        """Fill ``y0`` (state dtype, ``(B, *model_shape)``) and ``cond`` from ``raw``."""
+        """Fill ``y0`` (state dtype, ``(B, *model_shape)``) and ``cond`` from ``raw`` (or from
+        what :meth:`stage` prepared), on the compute stream before the replay."""
         raise NotImplementedError
 
     def decode(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
