@@ -8,11 +8,13 @@ with the :mod:`.stages` hooks filled in for a diffusers pipeline:
   path (uint8 ``(3, H, W)``); per batch, read and tokenise the rows' captions (``key.txt``;
   a sample to restore without one is refused by key); a restored row is written as PNG, plus
   ``latent.npy`` when latents are stored.
-- device (:class:`LatentCodec`, compute stream, outside the graph): VAE encode of the uint8
-  rows in the VAE's compute dtype (bf16 on GPU), batched -> the static ``y0`` (scaled
-  latents); the text encoder over the batch's tokens -> the conditional rows of the static
-  conditioning buffers; the unconditional rows beside them (negative caption) are encoded
-  and written once per run. After the loop: VAE decode -> uint8 rows (and the latents).
+- device (:class:`LatentCodec`, outside the graph): ``stage`` (on CUDA the sampler's copy
+  stream, into one of two staging slots, so it overlaps the previous batch's replay): VAE
+  encode of the uint8 rows in the VAE's compute dtype (bf16 on GPU), batched -> scaled
+  latents; the text encoder over the batch's tokens -> conditional rows. ``encode``
+  (compute stream): the slot -> the loop's static ``y0`` and the conditional rows of the
+  static conditioning buffers (the unconditional rows beside them, negative caption, are
+  encoded and written once per run). After the loop: VAE decode -> uint8 rows (and latents).
 - in the graph (:meth:`LatentCodec.wrap_denoiser`): classifier-free guidance over the
   static buffers, which are laid out ``(B, 2, ...)`` = the network's ``2B`` interleaved
   rows ``[cond_0, uncond_0, ...]``: one network call per evaluation, the mix
@@ -84,6 +86,14 @@ class LatentSettings:
             raise ValueError(f"latent_dtype must be one of {tuple(LATENT_DTYPES)}, got {self.latent_dtype!r}")
 
 
+@dataclass
+class _Staged:
+    """One staging slot: what :meth:`LatentCodec.stage` prepared for :meth:`LatentCodec.encode`."""
+
+    latents: torch.Tensor  # (B, C, h, w) float32 scaled latents
+    cond: dict[str, torch.Tensor]  # conditional rows (B, ...) by flattened conditioning name
+
+
 class LatentCodec(DeviceCodec):
     """Device hooks of a latent run (module docstring): uint8 images in and out, latents inside.
 
@@ -110,6 +120,7 @@ class LatentCodec(DeviceCodec):
         self.latent_channels = int(getattr(config, "latent_channels", 4))
         self.image_size = (height, width)
         self._sizes: dict[int, torch.Tensor] = {}  # (B, 2) image sizes on the device, per batch size
+        self._slots: dict[tuple[int, int], _Staged] = {}  # (slot, B) -> the double-buffered staging slots
         self.rows = 1 if float(settings.guidance_scale) == 1.0 else 2
         sizes = torch.tensor([self.image_size])
         # One conditional and one unconditional row: the layout and dtypes of the static buffers.
@@ -129,25 +140,44 @@ class LatentCodec(DeviceCodec):
             outputs["latent"] = (self.model_shape(storage_shape), torch.float32)
         return outputs
 
-    def encode(self, raw: torch.Tensor, context: Any, y0: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
-        """VAE-encode ``raw`` uint8 ``(B, 3, H, W)`` into ``y0``; the rows' captions
-        (``context``, a :class:`LatentBatch` of ``n <= B`` rows, padded with row 0) -> ``cond``."""
+    def stage(self, raw: torch.Tensor, context: Any, slot: int) -> _Staged:
+        """VAE-encode ``raw`` uint8 ``(B, 3, H, W)`` and text-encode the rows' captions
+        (``context``, a :class:`LatentBatch` of ``n <= B`` rows, padded with row 0) into staging
+        slot ``slot`` (on CUDA: the sampler's copy stream, overlapping the previous replay)."""
         if not isinstance(context, LatentBatch):
             raise ValueError("latent restoration needs the batch's captions (a LatentBatch from LatentStages.prepare)")
         # Host data is pinned (LatentStages.prepare) and copied without blocking: a pageable copy
-        # would make the host wait for the previous batch's replay on this stream.
+        # would make the host wait for the work queued before it on this stream.
         batch, device = raw.shape[0], raw.device
+        if (slot, batch) not in self._slots:
+            self._slots[slot, batch] = _Staged(
+                torch.empty((batch, *self.model_shape(tuple(raw.shape[1:]))), dtype=torch.float32, device=device),
+                {name: torch.empty((batch, *t.shape[1:]), dtype=t.dtype, device=device)
+                 for name, t in self._template.flatten().items()},
+            )
+        staged = self._slots[slot, batch]
         seeds = None
         if self.settings.encode_sample:
             seeds = context.seeds.to(device, non_blocking=True)
             seeds = torch.cat([seeds, seeds[:1].expand(batch - len(seeds))])
-        y0.copy_(self.vae.encode(raw, sample=self.settings.encode_sample, seeds=seeds))
+        staged.latents.copy_(self.vae.encode(raw, sample=self.settings.encode_sample, seeds=seeds))
         sizes = self._sizes.get(batch)
         if sizes is None:
             sizes = self._sizes[batch] = torch.tensor([self.image_size], device=device).expand(batch, 2)
         tokens = context.tokens.to(device, non_blocking=True).pad(batch)
         for name, rows in self.text.encode(tokens, sizes).flatten().items():
-            cond[name][:, 0].copy_(rows)  # the unconditional rows [:, 1] were written once (wrap_denoiser)
+            staged.cond[name].copy_(rows)
+        return staged
+
+    def encode(self, raw: torch.Tensor, context: Any, y0: torch.Tensor, cond: dict[str, torch.Tensor]) -> None:
+        """Copy the staged slot (``context``, from :meth:`stage`) into the loop's static inputs:
+        latents -> ``y0``, conditional rows -> ``cond[name][:, 0]`` (the unconditional rows
+        ``[:, 1]`` were written once, by :meth:`wrap_denoiser`)."""
+        if not isinstance(context, _Staged):
+            raise ValueError("LatentCodec.encode takes what LatentCodec.stage returned")
+        y0.copy_(context.latents)
+        for name, rows in context.cond.items():
+            cond[name][:, 0].copy_(rows)
 
     def decode(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
         outputs["sample"].copy_(to_uint8(self.vae.decode(x)))
