@@ -64,7 +64,7 @@ LATENT_DTYPES = {"float16": np.float16, "float32": np.float32}  # anchors store 
 
 @dataclass(frozen=True)
 class LatentBatch:
-    """Host context of one batch (:meth:`LatentStages.prepare` -> :meth:`LatentCodec.encode`)."""
+    """Host context of one batch (:meth:`LatentStages.prepare` -> :meth:`LatentCodec.stage`)."""
 
     tokens: Tokens  # the rows' tokenised captions (n <= B rows; padded on the device side)
     seeds: torch.Tensor  # int64 (n,): per-sample seeds of the VAE posterior sample (derive_seeds(id, run seed))
