@@ -1,4 +1,6 @@
-"""Latent text-to-image restoration (issue #9): adapter, guidance, grids, pipeline, shards, CLI.
+"""Latent text-to-image restoration on the one engine (issues #9, #12): adapter, guidance, the
+latent stages around the captured sampler vs the reference per sample, the driver (JPEG caption
+shards in and out, torchrun ranks, a real kill and resume), the CLI.
 
 Ground truth: a conditional Gaussian ``x0 | c ~ N(mu(c), Sigma)`` whose exact VP eps (v, sample)
 predictor is written below as a tiny module with the diffusers call signature
@@ -10,37 +12,42 @@ folder; the tokenizer is a character-level CLIP BPE (one token per character) bu
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
+import os
+import random
+import signal
 import string
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
-from ambient_fast.data import Sample, open_dataset, to_uint8_image, write_dataset
+from ambient_fast.core.noise import STREAM_RESTORE, derive_seeds, sample_normal
+from ambient_fast.data import Sample, dali_available, open_dataset, to_uint8_image, write_dataset
 from ambient_fast.latent import (
     Conditioning,
     DiffusersDenoiser,
     GuidedDenoiser,
     LatentCodec,
-    LatentRestoreConfig,
-    LatentRestorer,
-    latent_restoration_grid,
     load_components,
-    restore_latent_shards,
-    restore_latents,
     sigma_to_timestep,
-    truncated_global_grid,
     vp_log_sigmas,
 )
-from ambient_fast.latent.cli import add_latent_arguments, run_latent
 from ambient_fast.latent.vae import to_uint8
+from ambient_fast.restoration import restore_dataset, staging_folder
+from ambient_fast.restoration.latent_stages import LatentBatch, LatentSettings, latent_restoration, latent_sampler
+from ambient_fast.restoration.sampler import RestorationSampler, SamplerConfig
+from ambient_fast.restoration.stages import GridSpec, float_codec
 from ambient_fast.samplers import restore
+from ambient_fast.samplers.edm import sample
 
 from .gaussian import random_spd
 
@@ -261,9 +268,16 @@ def test_guided_update_keeps_buffers_in_place():
 def test_conditioning_structure():
     cond = Conditioning({"a": torch.arange(3.0), "added": {"b": torch.ones(3, 2), "c": None}})
     assert cond.batch_size == 3
-    both = Conditioning.cat([cond, cond.select(torch.tensor([2, 0, 1]))])
+    both = Conditioning.interleave([cond, cond.select(torch.tensor([2, 0, 1]))])
     assert both.batch_size == 6 and both.kwargs["added"]["c"] is None
-    assert both.kwargs["a"].tolist() == [0, 1, 2, 2, 0, 1]
+    assert both.kwargs["a"].tolist() == [0, 2, 1, 0, 2, 1]
+    flat = both.flatten()
+    assert sorted(flat) == ["a", "added/b"]
+    rebuilt = both.with_tensors({name: t + 1 for name, t in flat.items()})
+    assert rebuilt.kwargs["a"].tolist() == [1, 3, 2, 1, 3, 2] and rebuilt.kwargs["added"]["c"] is None
+    other = Conditioning({"a": torch.tensor([9.0, 8.0, 7.0]), "added": {"b": torch.zeros(3, 2), "c": None}})
+    rebuilt.copy_rows_(other, 1, 2)  # rows 1, 3, 5: the second of each pair
+    assert rebuilt.kwargs["a"].tolist() == [1, 9, 2, 8, 3, 7]
     with pytest.raises(ValueError, match="batch size"):
         Conditioning({"a": torch.ones(2), "b": torch.ones(3)})
 
@@ -281,51 +295,45 @@ def anchor_t2i_grid(sigma_tn: float, steps: int = 30) -> list[float]:
     return t[last:]
 
 
-@pytest.mark.parametrize("sigma_tn", [2.0, 1.0, 0.15, 0.001, 79.0])
-def test_truncated_global_grid_is_the_anchors_grid(sigma_tn):
-    row = truncated_global_grid(torch.tensor([sigma_tn], dtype=torch.float64))[0]
-    kept = row[torch.cat([row[1:] < row[:-1], torch.tensor([True])])]  # drop zero-length steps
-    np.testing.assert_allclose(kept.numpy(), anchor_t2i_grid(sigma_tn), rtol=1e-12)
+def scaled_denoiser(x, sigma):
+    """Closed-form D of N(0, I) data (SPEC 7): ``x / (1 + sigma^2)``."""
+    return x / (1 + sigma.view(-1, *([1] * (x.dim() - 1))).to(x.dtype) ** 2)
 
 
-def test_global_grid_costs_the_anchors_evaluations():
-    """sigma_tn = 2.0 keeps 15 steps (ANCHORS 3.3): Heun makes 2*15 - 1 network calls."""
+def test_global_grid_in_the_engine_costs_the_anchors_evaluations():
+    """sigma_tn = 2.0 keeps 15 steps (ANCHORS 3.3): the captured loop makes 2*15 - 1 network calls."""
     assert len(anchor_t2i_grid(2.0)) - 1 == 15
     calls = []
 
     def denoiser(x, sigma):
-        calls.append(1)
-        return 0.5 * x
+        calls.append(x.shape[0])
+        return scaled_denoiser(x, sigma)
 
-    restore_latents(denoiser, torch.zeros(2, 4, 2, 2), torch.tensor([2.0, 2.0]), torch.tensor([0, 1]))
-    assert len(calls) == 29
+    grid = GridSpec("global", 30)
+    steps = grid.steps(np.array([2.0, 2.0]))
+    config = SamplerConfig(num_steps=steps)
+    sampler = RestorationSampler(denoiser, (4, 2, 2), 2, config, codec=float_codec(torch.float32))
+    sampler.restore(torch.zeros(2, 4, 2, 2), torch.tensor([0, 1]), torch.tensor([2.0, 2.0]), grid=grid)
+    assert steps == 15 and calls == [2] * 29
 
 
-def test_mixed_levels_in_a_batch_match_each_alone():
-    def denoiser(x, sigma):
-        return x / (1 + sigma.view(-1, 1, 1, 1) ** 2)
-
-    latents = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+def test_global_grid_mixed_levels_match_each_alone():
+    """A batch mixing levels (shorter rows left-padded with zero-length steps) gives each sample
+    exactly its own run's result."""
+    grid = GridSpec("global", 30)
     levels = torch.tensor([2.0, 0.3, 1.2], dtype=torch.float64)
-    seeds = torch.tensor([5, 6, 7])
-    batched = restore_latents(denoiser, latents, levels, seeds)
+    y0 = torch.randn(3, 4, 2, 2, dtype=torch.float64)
+    ids = torch.tensor([5, 6, 7])
+
+    def run(rows):
+        steps = grid.steps(levels[rows].numpy())
+        config = SamplerConfig(num_steps=steps, state_dtype=torch.float64, backend="torch")
+        sampler = RestorationSampler(scaled_denoiser, (4, 2, 2), len(rows), config, codec=float_codec(torch.float64))
+        return sampler.restore(y0[rows], ids[rows], levels[rows], seed=3, grid=grid)
+
+    batched = run([0, 1, 2])
     for i in range(3):
-        alone = restore_latents(denoiser, latents[i : i + 1], levels[i : i + 1], seeds[i : i + 1])
-        assert torch.equal(batched[i : i + 1], alone)
-
-
-def test_per_sample_schedule_is_samplers_restore():
-    def denoiser(x, sigma):
-        return x / (1 + sigma.view(-1, 1, 1, 1) ** 2)
-
-    latents = torch.randn(3, 4, 2, 2, dtype=torch.float64)
-    levels = torch.tensor([2.0, 0.3, 1.2], dtype=torch.float64)
-    seeds = torch.tensor([5, 6, 7])
-    ours = restore_latents(denoiser, latents, levels, seeds, schedule="per_sample")
-    assert torch.equal(ours, restore(denoiser, latents, levels, seeds=seeds))
-    grid = latent_restoration_grid(levels, schedule="per_sample")
-    assert grid.shape == (3, 19)
-    torch.testing.assert_close(grid[:, 0], levels)
+        assert torch.equal(batched[i : i + 1], run([i]))
 
 
 def test_guided_adapter_restoration_recovers_the_data_distribution():
@@ -342,7 +350,11 @@ def test_guided_adapter_restoration_recovers_the_data_distribution():
     chol = torch.linalg.cholesky(model.cov)
     x0 = mu + torch.randn(n, 16, dtype=torch.float64, generator=g) @ chol.T
     guided = GuidedDenoiser(denoiser, cond, cond, 1.0)
-    out = restore_latents(guided, x0.reshape(n, 4, 2, 2), torch.full((n,), sm, dtype=torch.float64), torch.arange(n))
+    levels = torch.full((n,), sm, dtype=torch.float64)
+    grid = GridSpec("global", 30)
+    eps = torch.randn(n, 4, 2, 2, dtype=torch.float64, generator=g)
+    start = x0.reshape(n, 4, 2, 2) + sm * eps
+    out = sample(guided, eps, grid.table(levels, grid.steps(levels.numpy())), start=start)
     flat = out.reshape(n, -1)
     centred = flat - flat.mean(0)
     cov = centred.T @ centred / (n - 1)
@@ -475,40 +487,167 @@ def test_latent_codec_scaling_and_posterior_sample():
     torch.testing.assert_close(sampled[1:2], alone, rtol=1e-5, atol=1e-6)
 
 
-def test_restorer_keeps_clean_rows_and_lowers_levels(sd_pipeline):
+def reference_restoration(components, images, captions, levels, seeds, *, grid, method, guidance):
+    """The reference: VAE encode, captions, :class:`GuidedDenoiser`, ``samplers.restore`` (per_sample
+    grid) or ``samplers.sample`` on the same per-sample table (global grid), VAE decode."""
+    sizes = torch.tensor(images.shape[2:]).expand(len(captions), 2)
+    encoder = components.caption_encoder
+    guided = GuidedDenoiser(components.denoiser, encoder(captions, sizes), encoder.unconditional(sizes), guidance)
+    latents = components.codec.encode(images).to(torch.float64)
+    if grid.schedule == "per_sample":
+        out = restore(guided, latents, levels, num_steps=grid.num_steps, method=method, seeds=seeds, backend="torch")
+    else:
+        eps = sample_normal(seeds, latents.shape[1:], stream=STREAM_RESTORE, dtype=torch.float64)
+        table = grid.table(levels, grid.steps(levels.numpy()))
+        start = latents + levels.view(-1, 1, 1, 1) * eps
+        out = sample(guided, eps, table, method="sde" if method == "stochastic" else method, seeds=seeds, start=start)
+    return to_uint8(components.codec.decode(out))
+
+
+@pytest.mark.parametrize(
+    "schedule, method, guidance",
+    [("per_sample", "heun", 3.5), ("per_sample", "stochastic", 3.5), ("global", "heun", 3.5), ("global", "euler", 1.0)],
+)
+def test_latent_engine_equals_the_reference_per_sample(sd_pipeline, schedule, method, guidance):
+    """The engine with latent stages (VAE + captions around the captured loop, CFG over the
+    static interleaved buffers, a padded static batch) restores every sample as the reference
+    restores it alone."""
     components = load_components(sd_pipeline)
-    restorer = LatentRestorer(components.denoiser, components.codec, components.caption_encoder)
-    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
-    levels, seeds = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1, 2, 3])
-    result = restorer.restore_batch(images, ["a cat", "clean", "a dog"], levels, seeds)
-    assert torch.equal(result.images[1], images[1]) and result.latents is None
-    assert result.sigma_min.tolist() == [1.0, 0.0, 0.5] and result.restored.tolist() == [True, False, True]
-    assert not torch.equal(result.images[0], images[0])
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=g)
+    captions = ["a cat", "a dog", "red bus"]
+    levels = torch.tensor([2.0, 0.7, 1.3], dtype=torch.float64)
+    ids = torch.tensor([4, 9, 11])
+    seeds = derive_seeds(ids, 5)
+    grid = GridSpec(schedule, 4 if schedule == "per_sample" else 30)
+    config = SamplerConfig(
+        num_steps=grid.steps(levels.numpy()), method=method, state_dtype=torch.float64, backend="torch"
+    )
+    sampler = latent_sampler(components, (16, 16), 4, config, LatentSettings(guidance_scale=guidance))
+    context = LatentBatch(components.caption_encoder.tokenize(captions), seeds)
+    got = sampler.restore(images, ids, levels, seed=5, grid=grid, context=context)
+    assert got.dtype == torch.uint8 and got.shape == images.shape
+    batched = reference_restoration(components, images, captions, levels, seeds, grid=grid, method=method,
+                                    guidance=guidance)
+    assert torch.equal(got, batched)
+    for i in range(3):  # per sample; CPU conv kernels round batch-dependently (~1e-6), hence 1 grey level
+        rows = slice(i, i + 1)
+        alone = reference_restoration(components, images[rows], captions[rows], levels[rows], seeds[rows],
+                                      grid=grid, method=method, guidance=guidance)
+        assert int((got[rows].int() - alone.int()).abs().max()) <= 1
+    assert float((got.float() - images.float()).abs().mean()) > 10  # restoration changed the images
 
 
-def write_source(root: Path, levels: list[float], sizes: list[tuple[int, int]]) -> Path:
+def test_guidance_changes_the_restoration(sd_pipeline):
+    """The guidance scale reaches the captured loop (w = 1 and w = 3.5 differ), and each row's
+    own caption conditions it (swapping two captions swaps nothing else)."""
+    components = load_components(sd_pipeline)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    ids, levels = torch.tensor([0, 1]), torch.tensor([1.5, 1.5], dtype=torch.float64)
+    grid = GridSpec("per_sample", 3)
+
+    def run(captions, guidance):
+        sampler = latent_sampler(components, (16, 16), 2, SamplerConfig(num_steps=3), LatentSettings(guidance))
+        context = LatentBatch(components.caption_encoder.tokenize(captions), derive_seeds(ids, 0))
+        return sampler.restore(images, ids, levels, grid=grid, context=context)
+
+    base = run(["a cat", "a dog"], 3.5)
+    assert not torch.equal(base, run(["a cat", "a dog"], 1.0))
+    swapped = run(["a dog", "a cat"], 3.5)
+    assert not torch.equal(base[0], swapped[0])
+
+
+def test_vae_posterior_sample_is_seeded_per_sample(sd_pipeline):
+    """``encode_sample``: the engine's VAE posterior draw is the codec's, seeded by each sample's
+    own seed (the restoration then equals the reference started from those latents)."""
+    components = load_components(sd_pipeline)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    ids, levels = torch.tensor([3, 8]), torch.tensor([1.0, 1.0], dtype=torch.float64)
+    seeds = derive_seeds(ids, 0)
+    grid = GridSpec("per_sample", 3)
+    sampler = latent_sampler(components, (16, 16), 2, SamplerConfig(num_steps=3, state_dtype=torch.float64),
+                             LatentSettings(guidance_scale=1.0, encode_sample=True))
+    context = LatentBatch(components.caption_encoder.tokenize(["a", "b"]), seeds)
+    got = sampler.restore(images, ids, levels, grid=grid, context=context)
+    sizes = torch.tensor([[16, 16]] * 2)
+    cond = components.caption_encoder(["a", "b"], sizes)
+    guided = GuidedDenoiser(components.denoiser, cond, cond, 1.0)
+    latents = components.codec.encode(images, sample=True, seeds=seeds).to(torch.float64)
+    want = to_uint8(components.codec.decode(restore(guided, latents, levels, num_steps=3, seeds=seeds)))
+    assert int((got.int() - want.int()).abs().max()) <= 1
+    mean_only = latent_sampler(components, (16, 16), 2, SamplerConfig(num_steps=3, state_dtype=torch.float64),
+                               LatentSettings(guidance_scale=1.0))
+    assert not torch.equal(got, mean_only.restore(images, ids, levels, grid=grid, context=context))
+
+
+@pytest.mark.gpu
+def test_latent_graph_replay_equals_eager_on_gpu(sd_pipeline):
+    """On CUDA (bf16 models): the loop captured once and replayed over two batches with other
+    captions and images equals the eager engine batch by batch (the static conditioning is
+    refilled per batch, the graph never recaptured)."""
+    components = load_components(sd_pipeline, device="cuda")
+    grid = GridSpec("global", 30)
+    levels = torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64)
+    config = dict(num_steps=grid.steps(levels.numpy()), state_dtype=torch.float32)
+    graph = latent_sampler(components, (16, 16), 4, SamplerConfig(**config, cuda_graph=True))
+    eager = latent_sampler(components, (16, 16), 4, SamplerConfig(**config, cuda_graph=False))
+    g = torch.Generator().manual_seed(4)
+    outputs = []
+    for captions in (["a cat", "a dog", "a bus"], ["red", "green", "blue"]):
+        images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=g)
+        ids = torch.arange(3)
+        context = LatentBatch(components.caption_encoder.tokenize(captions), derive_seeds(ids, 0))
+        got = graph.restore(images, ids, levels, grid=grid, context=context)
+        want = eager.restore(images, ids, levels, grid=grid, context=context)
+        assert int((got.int() - want.int()).abs().max()) <= 1
+        outputs.append(got)
+    assert graph.graph is not None and not torch.equal(outputs[0], outputs[1])
+
+
+# ---------------------------------------------------------------------------------------
+# The one driver: JPEG caption shards in, restored shards out; ranks; a real kill and resume.
+
+CAPTION_LEVELS = [2.0, 0.0, 1.0, 2.0, 0.5, 0.0, 2.0]  # scaled-latent units; 0 = clean, copied byte for byte
+
+
+def jpeg_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def write_caption_shards(root: Path, levels: list[float], *, captions: bool = True) -> Path:
+    """WebDataset shards of 16x16 JPEGs with captions, JSON metadata and an unknown member."""
     rng = np.random.default_rng(0)
     samples = [
         Sample(
             index=i,
             key=f"s{i:04d}",
-            array=rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+            array=None,
+            data=jpeg_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)),
             sigma_min=level,
-            caption=f"photo {i} of a {'cat' if i % 2 else 'dog'}",
+            caption=f"photo {i} of a {'cat' if i % 2 else 'dog'}" if captions or i != 2 else None,
             metadata={"source": "test", "i": i},
+            extras={"extra.bin": bytes([i, 255 - i])},
         )
-        for i, (level, (h, w)) in enumerate(zip(levels, sizes, strict=True))
+        for i, level in enumerate(levels)
     ]
     return write_dataset(root, "webdataset", samples, chunk_size=4)
 
 
-LEVELS = [2.0, 0.0, 1.0, 2.0, 0.5, 0.0, 2.0]
-SIZES = [(16, 16), (16, 16), (16, 24), (16, 16), (16, 16), (16, 16), (16, 24)]
-
-
 @pytest.fixture(scope="module")
-def source_shards(tmp_path_factory) -> Path:
-    return write_source(tmp_path_factory.mktemp("src") / "v0", LEVELS, SIZES)
+def caption_shards(tmp_path_factory) -> Path:
+    return write_caption_shards(tmp_path_factory.mktemp("captions") / "v0", CAPTION_LEVELS)
+
+
+LATENT_RUN = dict(grid="global", num_steps=30, rho_ambient=2.0, batch_size=3, shard_size=4, progress=False,
+                  reader="pil", num_workers=2, state_dtype="float64", backend="torch")
+
+
+def latent_run(pipeline, src: Path, dst: Path, settings: LatentSettings | None = None, device="cpu", **overrides):
+    """``restore_dataset`` on the latent stages (what ``ambient-fast restore --diffusers`` runs)."""
+    kwargs = latent_restoration(pipeline, settings or LatentSettings(), seed=0, device=device)
+    return restore_dataset(src=src, dst=dst, **kwargs, **{**LATENT_RUN, **overrides})
 
 
 def read_version(root: Path) -> tuple[object, list[Sample]]:
@@ -516,148 +655,187 @@ def read_version(root: Path) -> tuple[object, list[Sample]]:
     return dataset, [dataset.read(i) for i in range(len(dataset))]
 
 
-def test_shards_in_shards_out(sd_pipeline, source_shards, tmp_path):
-    dst = restore_latent_shards(
-        sd_pipeline, source_shards, tmp_path / "v1", batch_size=3, chunk_size=3, keep_latents=True, device="cpu"
-    )
-    src_set, src = read_version(source_shards)
-    out_set, out = read_version(dst)
-    assert out_set.keys == src_set.keys and out_set.format == "webdataset"
-    assert len(list(dst.glob("*.tar"))) == 3
-    for a, b in zip(src, out, strict=True):
-        assert b.caption == a.caption and b.metadata == a.metadata and b.extras["txt"] == a.extras["txt"]
-        assert b.sigma_min == a.sigma_min / 2
-        latent = np.load(io.BytesIO(b.extras["latent.npy"]))
-        assert latent.dtype == np.float16 and latent.shape == (4, a.array.shape[0] // 2, a.array.shape[1] // 2)
-        if a.sigma_min == 0:
-            assert b.data == a.data  # byte for byte
-        else:
-            assert b.array.shape == a.array.shape and not np.array_equal(b.array, a.array)
-    manifest = out_set.manifest
-    assert manifest["creator"] == "ambient_fast.latent"
-    assert manifest["latent_restoration"] == {"restored": 5, "copied": 2}
-    assert manifest["params"]["config"]["guidance_scale"] == 3.5
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_shards_are_deterministic_per_sample_and_resume(sd_pipeline, source_shards, tmp_path):
-    """Batch 4 in one go == batch 1, interrupted after a chunk and resumed.
-
-    The algorithm is batch-independent exactly (seeded noise, per-row grids: see
-    test_mixed_levels_in_a_batch_match_each_alone); what remains between batch sizes is the
-    CPU conv/attention kernels' batch-dependent float32 rounding (~1e-6 in the latents;
-    images came out identical here), hence the tolerances.
-    """
+def test_jpeg_caption_shards_in_restored_shards_out(sd_pipeline, caption_shards, tmp_path):
+    """Keys, captions, metadata and unknown members pass through; clean JPEGs byte for byte;
+    restored samples are PNG with the halved level, their latents stored, and each equals the
+    reference restoration of that sample alone."""
     components = load_components(sd_pipeline)
-    reference = restore_latent_shards(
-        components,
-        source_shards,
-        tmp_path / "ref",
-        batch_size=4,
-        chunk_size=4,
-        keep_latents=True,
-        latent_dtype="float32",
-    )
+    report = latent_run(components, caption_shards, tmp_path / "v1", LatentSettings(store_latents=True))
+    assert report.num_restored == 5 and report.num_copied == 2
+    src_set, src = read_version(caption_shards)
+    out_set, out = read_version(tmp_path / "v1")
+    assert out_set.keys == src_set.keys and out_set.format == "webdataset"
+    grid = GridSpec("global", 30)
+    for a, b in zip(src, out, strict=True):
+        assert (b.caption, b.metadata, b.extras["extra.bin"]) == (a.caption, a.metadata, a.extras["extra.bin"])
+        if a.sigma_min == 0:
+            assert b.data == a.data and b.sigma_min == 0  # the JPEG, byte for byte
+            continue
+        assert b.data[:8] == b"\x89PNG\r\n\x1a\n" and b.sigma_min == a.sigma_min / 2
+        latent = np.load(io.BytesIO(b.extras["latent.npy"]))
+        assert latent.dtype == np.float16 and latent.shape == (4, 8, 8)
+        image = torch.from_numpy(a.array).permute(2, 0, 1).unsqueeze(0).contiguous()
+        alone = reference_restoration(
+            components, image, [a.caption], torch.tensor([a.sigma_min], dtype=torch.float64),
+            derive_seeds(torch.tensor([a.index]), 0), grid=grid, method="heun", guidance=3.5,
+        )[0].permute(1, 2, 0).numpy()
+        assert np.abs(b.array.astype(int) - alone.astype(int)).max() <= 1
+        assert np.abs(b.array.astype(int) - a.array.astype(int)).mean() > 10
+    assert out_set.manifest["params"]["stages"]["latent"]["guidance_scale"] == 3.5
+    if dali_available():  # DALI decodes the latent path's batches too, to the same bytes
+        latent_run(components, caption_shards, tmp_path / "dali", LatentSettings(store_latents=True), reader="dali")
+        without_manifest = [
+            {name: data for name, data in tree_bytes(tmp_path / run).items() if name != "manifest.json"}
+            for run in ("dali", "v1")
+        ]
+        assert without_manifest[0] == without_manifest[1]  # the manifest records the reader
 
-    class Interrupt(RuntimeError):
-        pass
 
-    def stop_after_first_chunk(done, total):
-        raise Interrupt
-
-    with pytest.raises(Interrupt):
-        restore_latent_shards(
-            components,
-            source_shards,
-            tmp_path / "run",
-            batch_size=1,
-            chunk_size=4,
-            keep_latents=True,
-            latent_dtype="float32",
-            progress=stop_after_first_chunk,
-        )
-    assert not (tmp_path / "run" / "manifest.json").exists()
-    with pytest.raises(ValueError, match="resuming with params"):
-        restore_latent_shards(
-            components,
-            source_shards,
-            tmp_path / "run",
-            batch_size=1,
-            chunk_size=4,
-            resume=True,
-            keep_latents=True,
-            latent_dtype="float32",
-            config=LatentRestoreConfig(guidance_scale=2.0),
-        )
-    resumed = restore_latent_shards(
-        components,
-        source_shards,
-        tmp_path / "run",
-        batch_size=1,
-        chunk_size=4,
-        keep_latents=True,
-        latent_dtype="float32",
-        resume=True,
-    )
-    _, want = read_version(reference)
-    _, got = read_version(resumed)
-    for a, b in zip(want, got, strict=True):
-        latent_a = np.load(io.BytesIO(a.extras["latent.npy"]))
-        latent_b = np.load(io.BytesIO(b.extras["latent.npy"]))
-        np.testing.assert_allclose(latent_b, latent_a, rtol=0, atol=1e-5)
+@pytest.mark.gpu
+def test_latent_dataset_on_gpu_graph_equals_eager(sd_pipeline, caption_shards, tmp_path):
+    """On CUDA the driver keeps batches in flight (stage of batch j+1 on the copy stream while
+    batch j replays, double-buffered slots): one captured graph over every batch, the padded
+    last one included, writes what the eager engine writes (to 1 grey level: bf16 models)."""
+    for name, graph in (("graph", True), ("eager", False)):
+        latent_run(sd_pipeline, caption_shards, tmp_path / name, device="cuda", cuda_graph=graph, batch_size=2,
+                   shard_size=8, state_dtype="float32")
+    _, graph_out = read_version(tmp_path / "graph")
+    _, eager_out = read_version(tmp_path / "eager")
+    for a, b in zip(graph_out, eager_out, strict=True):
+        assert a.key == b.key and a.sigma_min == b.sigma_min
         assert np.abs(a.array.astype(int) - b.array.astype(int)).max() <= 1
 
 
-def test_cli_dry_run_and_run(sd_pipeline, source_shards, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_latent_arguments(parser)
-    base = ["--src", str(source_shards), "--diffusers", str(sd_pipeline), "--batch-size", "4", "--device", "cpu"]
-    args = parser.parse_args(base + ["--dst", str(tmp_path / "dry"), "--dry-run"])
-    assert run_latent(args) == 0
-    plan = json.loads(capsys.readouterr().out)
-    assert plan["to_restore"] == 5 and plan["levels"]["2"] == {"steps": 15, "network_evaluations": 29}
-    assert not (tmp_path / "dry").exists()
-    args = parser.parse_args(
-        base
-        + [
-            "--dst",
-            str(tmp_path / "v1"),
-            "--guidance-scale",
-            "1",
-            "--grid",
-            "per_sample",
-            "--num-steps",
-            "4",
-            "--store-latents",
-        ]
+def test_sample_without_caption_is_refused_by_key(sd_pipeline, tmp_path):
+    src = write_caption_shards(tmp_path / "src", CAPTION_LEVELS, captions=False)
+    with pytest.raises(ValueError, match="s0002.*no caption"):
+        latent_run(sd_pipeline, src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+TORCHRUN_CHILD = """
+import sys
+import torch
+torch.set_num_threads(1)
+from ambient_fast.restoration.distributed import init_from_env
+from ambient_fast.restoration.latent_stages import LatentSettings, latent_restoration
+from ambient_fast.restoration import restore_dataset
+from tests.test_latent import LATENT_RUN
+
+ctx = init_from_env()
+restore_dataset(src=sys.argv[2], dst=sys.argv[3], **latent_restoration(sys.argv[1], LatentSettings(), device="cpu"),
+                **LATENT_RUN)
+ctx.barrier()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_gloo_ranks_equal_one_process(sd_pipeline, caption_shards, tmp_path):
+    """``torchrun --nproc-per-node 2`` (gloo, CPU) writes the same version, byte for byte."""
+    latent_run(sd_pipeline, caption_shards, tmp_path / "one")
+    script = tmp_path / "child.py"
+    script.write_text(TORCHRUN_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+         str(sd_pipeline), str(caption_shards), str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
     )
-    assert run_latent(args) == 0
-    dataset, samples = read_version(tmp_path / "v1")
-    assert dataset.manifest["params"]["config"]["schedule"] == "per_sample"
-    assert all("latent.npy" in s.extras for s in samples)
-    for bad in (["--guidance-scale", "-1"], ["--grid", "linear"], ["--rho-ambient", "1"], ["--num-steps", "0"]):
-        with pytest.raises(SystemExit):
-            parser.parse_args(base + ["--dst", "x"] + bad)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert tree_bytes(tmp_path / "two") == tree_bytes(tmp_path / "one")
 
 
-def test_restore_command_routes_diffusers_to_latent_restoration(sd_pipeline, source_shards, tmp_path, capsys):
-    """``ambient-fast restore --diffusers ...`` is the latent path, with text-to-image defaults."""
+KILL_CHILD = """
+import sys, time
+import torch
+torch.set_num_threads(1)
+from ambient_fast.restoration.latent_stages import LatentSettings, latent_restoration
+from ambient_fast.restoration import restore_dataset
+from tests.test_latent import LATENT_RUN
+
+
+class Slow(torch.nn.Module):
+    # 20 ms per network evaluation, so the run lasts several seconds and the kill lands mid-run.
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, sigma, cond):
+        time.sleep(0.02)
+        return self.inner(x, sigma, cond)
+
+
+kwargs = latent_restoration(sys.argv[1], LatentSettings(), device="cpu")
+kwargs["denoiser"] = Slow(kwargs["denoiser"]).eval()
+restore_dataset(src=sys.argv[2], dst=sys.argv[3], **kwargs, **LATENT_RUN)
+"""
+
+
+def test_killed_latent_run_resumes_to_identical_output(sd_pipeline, tmp_path):
+    """SIGKILL at a random point after the first committed shard, then a rerun: byte-identical
+    to an uninterrupted run."""
+    src = write_caption_shards(tmp_path / "src", CAPTION_LEVELS * 2)
+    latent_run(sd_pipeline, src, tmp_path / "clean")
+    dst = tmp_path / "dst"
+    script = tmp_path / "child.py"
+    script.write_text(KILL_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    child = subprocess.Popen([sys.executable, str(script), str(sd_pipeline), str(src), str(dst)], env=env,
+                             stderr=subprocess.PIPE)
+
+    def committed() -> int:
+        return len(list((staging_folder(dst) / ".chunks").glob("chunk-*.json")))
+
+    try:
+        deadline = time.monotonic() + 300
+        while committed() < 1:
+            assert child.poll() is None, child.stderr.read().decode()[-4000:]
+            assert time.monotonic() < deadline, "the child never committed a shard"
+            time.sleep(0.02)
+        time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))  # a random point after that
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+    assert not dst.exists(), "the run finished before the kill; make the child slower"
+    done = committed()
+    report = latent_run(sd_pipeline, src, dst)
+    assert report.shards_resumed >= done >= 1
+    assert tree_bytes(dst) == tree_bytes(tmp_path / "clean")
+    assert not staging_folder(dst).exists()
+
+
+def test_restore_command_restores_jpeg_caption_shards(sd_pipeline, caption_shards, tmp_path, capsys):
+    """``ambient-fast restore --diffusers DIR``: the anchors' text-to-image defaults (30-point global
+    grid -> 29 evaluations at 2.0, rho_ambient 2), JPEG caption shards in, restored shards out."""
     from ambient_fast.cli import main
 
-    base = ["restore", "--src", str(source_shards), "--diffusers", str(sd_pipeline), "--device", "cpu"]
-    assert main(base + ["--dst", str(tmp_path / "dry"), "--dry-run"]) == 0
+    base = ["restore", "--diffusers", str(sd_pipeline), "--src", str(caption_shards), "--device", "cpu",
+            "--batch-size", "3", "--shard-size", "4", "--workers", "2", "--no-progress", "--reader", "pil"]
+    assert main([*base, "--dst", str(tmp_path / "dry"), "--dry-run"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["levels"]["2"] == {"steps": 15, "network_evaluations": 29}  # anchors' 30-step global grid
-    assert plan["config"]["rho_ambient"] == 2.0 and not (tmp_path / "dry").exists()
+    assert plan["num_restored"] == 5 and plan["nfe_per_sample"] == 29 and not (tmp_path / "dry").exists()
     with pytest.raises(SystemExit):
-        main(base + ["--dst", str(tmp_path / "x"), "--model", str(sd_pipeline / "model_index.json")])
+        main([*base, "--dst", str(tmp_path / "x"), "--model", str(sd_pipeline / "model_index.json")])
     assert "not allowed with --diffusers" in capsys.readouterr().err
-    # A real run from the command line: shards in, restored shards out, captions kept.
     out = tmp_path / "restored"
-    assert main(base + ["--dst", str(out), "--batch-size", "4", "--grid", "per_sample", "--num-steps", "3"]) == 0
-    source, restored = read_version(source_shards)[1], read_version(out)[1]
+    assert main([*base, "--dst", str(out)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_restored"] == 5 and report["arguments"]["grid"] == "global"
+    _, source = read_version(caption_shards)
+    _, restored = read_version(out)
     assert [s.key for s in restored] == [s.key for s in source]
-    assert [s.caption for s in restored] == [s.caption for s in source]
-    assert all(r.sigma_min == pytest.approx(s.sigma_min / 2) for r, s in zip(restored, source, strict=True))
+    assert [(s.caption, s.metadata, s.extras["extra.bin"]) for s in restored] == [
+        (s.caption, s.metadata, s.extras["extra.bin"]) for s in source
+    ]
+    assert [r.sigma_min for r in restored] == [s.sigma_min / 2 for s in source]
+    assert all((r.data == s.data) == (s.sigma_min == 0) for r, s in zip(restored, source, strict=True))
 
 
 # ---------------------------------------------------------------------------------------
@@ -693,10 +871,12 @@ def test_sdxl_layout(tmp_path):
     assert cond.kwargs["added_cond_kwargs"]["time_ids"][0].tolist() == [16, 24, 0, 0, 16, 24]
     uncond = encoder.unconditional(sizes)
     assert float(uncond.kwargs["encoder_hidden_states"].abs().max()) == 0
-    restorer = LatentRestorer(components.denoiser, components.codec, encoder, LatentRestoreConfig(num_steps=6))
+    sampler = latent_sampler(components, (16, 24), 2, SamplerConfig(num_steps=3), LatentSettings(guidance_scale=2.0))
     images = torch.randint(0, 256, (2, 3, 16, 24), dtype=torch.uint8)
-    result = restorer.restore_batch(images, ["a cat", "a dog"], torch.tensor([1.0, 1.0]), torch.tensor([0, 1]))
-    assert result.images.shape == images.shape and result.restored.all()
+    ids = torch.tensor([0, 1])
+    context = LatentBatch(encoder.tokenize(["a cat", "a dog"]), ids)
+    out = sampler.restore(images, ids, torch.tensor([1.0, 1.0]), grid=GridSpec("per_sample", 3), context=context)
+    assert out.shape == images.shape and not torch.equal(out, images)
 
 
 def test_pixart_layout_with_learned_sigma(tmp_path):

@@ -1,9 +1,13 @@
-"""Latent text-to-image restoration (Ambient Dataloops' text-to-image setting; SPEC 1, 5).
+"""The pieces of latent text-to-image restoration (Ambient Dataloops' text-to-image setting; SPEC 1, 5).
 
 Restoration of a captioned image dataset in a VAE's latent space, conditioned on each
-image's caption with classifier-free guidance (ANCHORS 3.3):
+image's caption with classifier-free guidance (ANCHORS 3.3)::
 
     images -> VAE encode (scaling, shift) -> z + sigma_min eps -> guided Heun to 0 -> VAE decode
+
+This package holds the parts; the loop, the dataset driver, sharding and resume are the
+one restoration engine's (:mod:`ambient_fast.restoration.latent_stages` runs these parts as
+stages around its captured sampler; ``ambient-fast restore --diffusers DIR`` is the CLI).
 
 Public API:
 
@@ -12,31 +16,19 @@ Public API:
   ``D(x, sigma, cond)``, with its own ``alphas_cumprod`` mapped to sigma and the timestep
   chosen by ``"interpolated"`` or ``"nearest"`` mapping (:mod:`.adapter`). EDM-native
   conditional denoisers need no adapter.
-- :class:`Conditioning`, :class:`CaptionEncoder`: batch-first conditioning pytrees and
-  captions -> conditioning with any pipeline's ``transformers`` text encoder(s).
+- :class:`Conditioning`, :class:`CaptionEncoder`, :class:`Tokens`: batch-first conditioning
+  pytrees; captions -> tokens (host) -> conditioning with any pipeline's ``transformers``
+  text encoder(s).
 - :class:`GuidedDenoiser`: classifier-free guidance as a plain ``D(x, sigma)`` closure, one
-  network call of 2B rows, static conditioning buffers (CUDA-graph friendly).
+  network call of 2B interleaved rows, static conditioning buffers (CUDA-graph friendly).
 - :class:`LatentCodec`: batched VAE encode/decode in scaled latents.
-- :func:`truncated_global_grid`, :func:`latent_restoration_grid`, :func:`restore_latents`,
-  :class:`LatentRestorer`, :class:`LatentRestoreConfig`: the restoration itself.
 - :func:`load_components`, :class:`LatentComponents`: a local pipeline folder, offline.
-- :func:`restore_latent_shards`: WebDataset shards in, restored shards out.
-- :mod:`.cli`: ``add_latent_arguments(parser)``, ``run_latent(args)``.
 """
 
 from .adapter import DiffusersDenoiser, scheduler_alphas_cumprod, sigma_to_timestep, vp_log_sigmas
 from .components import LatentComponents, default_dtype, load_components
-from .conditioning import CaptionEncoder, Conditioning
+from .conditioning import CaptionEncoder, Conditioning, Tokens
 from .guidance import ConditionedDenoiser, GuidedDenoiser
-from .restore import (
-    LatentRestoration,
-    LatentRestoreConfig,
-    LatentRestorer,
-    latent_restoration_grid,
-    restore_latents,
-    truncated_global_grid,
-)
-from .shards import restore_latent_shards
 from .vae import LatentCodec
 
 __all__ = [
@@ -47,16 +39,10 @@ __all__ = [
     "GuidedDenoiser",
     "LatentCodec",
     "LatentComponents",
-    "LatentRestoration",
-    "LatentRestoreConfig",
-    "LatentRestorer",
+    "Tokens",
     "default_dtype",
-    "latent_restoration_grid",
     "load_components",
-    "restore_latent_shards",
-    "restore_latents",
     "scheduler_alphas_cumprod",
     "sigma_to_timestep",
-    "truncated_global_grid",
     "vp_log_sigmas",
 ]

@@ -180,6 +180,7 @@ class DiffusersDenoiser(nn.Module):
         self.sigma_min = float(log_sigmas[0].exp())
         self.sigma_max = float(log_sigmas[-1].exp())
         self.edm = VPToEDM(_TimestepNet(model, log_sigmas, timestep_mapping), PREDICTION_TYPES[prediction_type])
+        self.eval()  # an inference adapter: the wrapped network runs in eval mode (dropout off)
 
     @classmethod
     def from_scheduler(

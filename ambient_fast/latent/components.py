@@ -8,7 +8,7 @@ naming each component's library and class, and one subfolder per component: ``un
 
 Dtype policy: bf16 on GPU, fp32 on CPU, for the denoiser, the VAE and the text encoders
 alike (the conditioning then already has the denoiser's dtype). The sampler state stays
-float64/float32 (see :class:`~ambient_fast.latent.LatentRestoreConfig`).
+float32/float64 (the engine's ``--state-dtype``).
 """
 
 from __future__ import annotations

@@ -2,13 +2,16 @@
 
 :class:`Conditioning` holds the keyword arguments of one conditional network call
 (``encoder_hidden_states``, ``encoder_attention_mask``, ``added_cond_kwargs`` ...), every
-tensor batch-first, so a batch can be indexed, concatenated (conditional rows, then
-unconditional rows: one network call of 2B for classifier-free guidance) and copied in place
-into static buffers (CUDA-graph replay) without knowing which model it is for.
+tensor batch-first, so a batch can be indexed, interleaved (conditional and unconditional
+row of each sample side by side: one network call of 2B rows for classifier-free guidance),
+flattened to named tensors (the restoration engine's static buffers) and copied into in place
+(CUDA-graph replay) without knowing which model it is for.
 
 :class:`CaptionEncoder` turns captions into that structure with the text encoder(s) a
-diffusers pipeline carries, batched, under ``torch.no_grad``, in the encoder's own dtype
-(bf16 on GPU, fp32 on CPU by the loader's policy). Three layouts, as the pipelines do it:
+diffusers pipeline carries, in two steps: :meth:`CaptionEncoder.tokenize` on the host (a
+reader thread; :class:`Tokens`) and :meth:`CaptionEncoder.encode` on the device, batched,
+under ``torch.no_grad``, in the encoder's own dtype (bf16 on GPU, fp32 on CPU by the
+loader's policy). Three layouts, as the pipelines do it:
 
 - ``"single"`` (Stable Diffusion 1.x/2.x, any one ``transformers`` encoder): the last hidden
   state ``(B, L, D)``; the attention mask goes to the encoder only where its config asks
@@ -31,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["Conditioning", "CaptionEncoder", "LAYOUTS"]
+__all__ = ["Conditioning", "CaptionEncoder", "LAYOUTS", "Tokens"]
 
 LAYOUTS = ("single", "pixart", "sdxl")
 
@@ -87,16 +90,78 @@ class Conditioning:
 
         return Conditioning(_map_tree(move, self.kwargs))
 
-    def copy_(self, source: Conditioning) -> None:
-        """Copy ``source`` into these tensors in place (same structure and shapes)."""
-        _map_tree(lambda dst, src: dst.copy_(src), self.kwargs, source.kwargs)
+    def flatten(self) -> dict[str, torch.Tensor]:
+        """``{"name": tensor, "parent/name": tensor, ...}``: every tensor by its path (``None`` skipped)."""
+        flat: dict[str, torch.Tensor] = {}
+
+        def walk(tree: Any, prefix: str) -> None:
+            for key, value in tree.items():
+                if isinstance(value, Mapping):
+                    walk(value, f"{prefix}{key}/")
+                elif value is not None:
+                    flat[f"{prefix}{key}"] = value
+
+        walk(self.kwargs, "")
+        return flat
+
+    def with_tensors(self, flat: Mapping[str, torch.Tensor]) -> Conditioning:
+        """The same structure with every tensor replaced by ``flat[path]`` (see :meth:`flatten`)."""
+
+        def build(tree: Any, prefix: str) -> Any:
+            return {
+                key: build(value, f"{prefix}{key}/") if isinstance(value, Mapping)
+                else (None if value is None else flat[f"{prefix}{key}"])
+                for key, value in tree.items()
+            }
+
+        return Conditioning(build(self.kwargs, ""))
+
+    def copy_rows_(self, source: Conditioning, start: int = 0, step: int = 1) -> None:
+        """Copy ``source``'s ``n`` rows into rows ``start, start + step, ...`` (``n`` of them) in place."""
+        stop = start + step * source.batch_size
+        _map_tree(lambda dst, src: dst[start:stop:step].copy_(src), self.kwargs, source.kwargs)
 
     @staticmethod
-    def cat(parts: Sequence[Conditioning]) -> Conditioning:
-        """Concatenate along the batch: rows of ``parts[0]``, then ``parts[1]``, ..."""
+    def interleave(parts: Sequence[Conditioning]) -> Conditioning:
+        """Rows ``[parts[0][0], parts[1][0], ..., parts[0][1], parts[1][1], ...]`` (new tensors)."""
         if not parts:
-            raise ValueError("Conditioning.cat: nothing to concatenate")
-        return Conditioning(_map_tree(lambda *ts: torch.cat(ts, dim=0), *(p.kwargs for p in parts)))
+            raise ValueError("Conditioning.interleave: nothing to interleave")
+        return Conditioning(_map_tree(lambda *ts: torch.stack(ts, dim=1).flatten(0, 1), *(p.kwargs for p in parts)))
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Tokenised captions: per tokenizer, ``(ids, attention mask)`` int64 ``(B, L)`` (CPU)."""
+
+    pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    @property
+    def rows(self) -> int:
+        return int(self.pairs[0][0].shape[0])
+
+    def select(self, start: int, stop: int) -> Tokens:
+        """Rows ``start:stop``."""
+        return Tokens(tuple((ids[start:stop], mask[start:stop]) for ids, mask in self.pairs))
+
+    def pin_memory(self) -> Tokens:
+        """Page-locked copies (so :meth:`to` a CUDA device does not wait for the device)."""
+        return Tokens(tuple((ids.pin_memory(), mask.pin_memory()) for ids, mask in self.pairs))
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> Tokens:
+        return Tokens(
+            tuple((ids.to(device, non_blocking=non_blocking), m.to(device, non_blocking=non_blocking))
+                  for ids, m in self.pairs)
+        )
+
+    def pad(self, rows: int) -> Tokens:
+        """``rows`` rows: these, then copies of row 0 (a static batch's padding)."""
+        extra = rows - self.rows
+        if extra < 0:
+            raise ValueError(f"{self.rows} token rows do not fit in {rows}")
+        return Tokens(
+            tuple((torch.cat([ids, ids[:1].expand(extra, -1)]), torch.cat([m, m[:1].expand(extra, -1)]))
+                  for ids, m in self.pairs)
+        )
 
 
 class CaptionEncoder:
@@ -161,27 +226,28 @@ class CaptionEncoder:
     def dtype(self) -> torch.dtype:
         return next(self.text_encoders[0].parameters()).dtype
 
-    def _tokens(self, tokenizer: Any, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=self.max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return batch.input_ids.to(self.device), batch.attention_mask.to(self.device)
+    def tokenize(self, captions: Sequence[str]) -> Tokens:
+        """Host-side tokenisation: per tokenizer, int64 ``(ids (B, L), attention mask (B, L))`` on
+        the CPU (no device work, so it can run on a reader thread while the device samples)."""
+        pairs = []
+        for tokenizer in self.tokenizers:
+            batch = tokenizer(
+                list(captions), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            )
+            pairs.append((batch.input_ids, batch.attention_mask))
+        return Tokens(tuple(pairs))
 
-    def _encode_text(self, captions: Sequence[str]) -> dict[str, Any]:
+    def _encode_text(self, tokens: Tokens) -> dict[str, Any]:
         """Text part of the conditioning for one encoder batch."""
+        device = self.device
         if self.layout == "sdxl":
             hidden, pooled = [], None
-            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-                ids, _ = self._tokens(tokenizer, captions)
-                out = encoder(ids, output_hidden_states=True)
+            for (ids, _), encoder in zip(tokens.pairs, self.text_encoders, strict=True):
+                out = encoder(ids.to(device), output_hidden_states=True)
                 hidden.append(out.hidden_states[-2])
                 pooled = out[0]
             return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
-        ids, mask = self._tokens(self.tokenizers[0], captions)
+        ids, mask = (t.to(device) for t in tokens.pairs[0])
         encoder = self.text_encoders[0]
         if self.layout == "pixart":
             hidden = encoder(ids, attention_mask=mask)[0]
@@ -191,10 +257,9 @@ class CaptionEncoder:
         return {"encoder_hidden_states": hidden}
 
     @torch.no_grad()
-    def _encode_batched(self, captions: Sequence[str]) -> dict[str, Any]:
-        chunks = [
-            self._encode_text(captions[i : i + self.batch_size]) for i in range(0, len(captions), self.batch_size)
-        ]
+    def _encode_batched(self, tokens: Tokens) -> dict[str, Any]:
+        rows = tokens.rows
+        chunks = [self._encode_text(tokens.select(i, i + self.batch_size)) for i in range(0, rows, self.batch_size)]
         return _map_tree(lambda *ts: torch.cat(ts, dim=0), *chunks)
 
     def _assemble(self, text: dict[str, Any], image_sizes: torch.Tensor) -> Conditioning:
@@ -214,9 +279,13 @@ class CaptionEncoder:
 
     def __call__(self, captions: Sequence[str], image_sizes: torch.Tensor) -> Conditioning:
         """Conditioning of ``B`` captions (one row each, in order); ``image_sizes`` ``(B, 2)``."""
-        if image_sizes.shape != (len(captions), 2):
-            raise ValueError(f"image_sizes: expected ({len(captions)}, 2), got {tuple(image_sizes.shape)}")
-        return self._assemble(self._encode_batched(captions), image_sizes)
+        return self.encode(self.tokenize(captions), image_sizes)
+
+    def encode(self, tokens: Tokens, image_sizes: torch.Tensor) -> Conditioning:
+        """Conditioning of ``B`` tokenised captions (:meth:`tokenize`); ``image_sizes`` ``(B, 2)``."""
+        if image_sizes.shape != (tokens.rows, 2):
+            raise ValueError(f"image_sizes: expected ({tokens.rows}, 2), got {tuple(image_sizes.shape)}")
+        return self._assemble(self._encode_batched(tokens), image_sizes)
 
     def unconditional(self, image_sizes: torch.Tensor) -> Conditioning:
         """The unconditional rows for a batch of ``image_sizes`` ``(B, 2)``.
@@ -224,7 +293,7 @@ class CaptionEncoder:
         The negative caption is encoded once and cached; its rows are broadcast copies.
         """
         if self._negative is None:
-            text = self._encode_batched([self.negative_caption])
+            text = self._encode_batched(self.tokenize([self.negative_caption]))
             if self.zero_unconditional:
                 text = _map_tree(lambda t: torch.zeros_like(t) if t.is_floating_point() else t, text)
             self._negative = Conditioning(text)
