@@ -103,7 +103,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_process_ddp_matches_one_process(tmp_path):
     single = train(_data(), tmp_path / "one", total_images=32 * 6, device="cpu", **SMALL)
     mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, start_method="spawn")
-    from ambient_fast.loops.runs import read_jsonl
+    from ambient_fast.runtime import read_jsonl
 
     two = read_jsonl(tmp_path / "two" / "log.jsonl")
     assert [r["step"] for r in two] == [r["step"] for r in single.log]

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..loops.evaluate import generate
-    from ..loops.runs import resolve_device
+    from ..runtime import resolve_device
     from ..loops.train import train
 
     device = resolve_device(args.device)

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         dump_dry_run(f"run the {preset} demo into {args.out / 'NNNNN-demo-digits'}", kwargs)
         return 0
     from ..loops.demo import format_table, run_demo
-    from ..loops.runs import next_run_dir, read_json
+    from ..runtime import next_run_dir, read_json
 
     t0 = time.perf_counter()
     run_dir = next_run_dir(args.out, "demo-digits")

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import eval as ev
     from ..data import load_dataset_tensors
     from ..loops.evaluate import generate
-    from ..loops.runs import resolve_device
+    from ..runtime import resolve_device
 
     device = resolve_device(args.device)
     reference = str(args.ref) if ref_is_stats else load_dataset_tensors(args.ref).images

@@ -252,29 +252,23 @@ def run(args: argparse.Namespace) -> int:
     pixel_defaults(args)
     _check(parser, args)
     from ..restoration import read_denoiser_config
-    from ..restoration.distributed import init_from_env
+    from ..runtime import init_runtime, shutdown
 
     try:
         read_denoiser_config(args.model)
     except (ValueError, FileNotFoundError) as err:
         parser.error(f"argument --model: {err}")
-    ctx = init_from_env()
+    ctx = init_runtime()
     device = None if args.device == "auto" else args.device
+    ok = False
     try:
         report = _restore(args, device)
-        # Meet right before teardown, so no rank closes its gloo sockets while a peer is still
-        # between its last collective and destroy_process_group (a rare SIGABRT seen in CI).
-        # Success path only: after a rank-local error a barrier could wait on a peer that is
-        # blocked in a different collective.
-        ctx.barrier()
+        ok = True
     except (ValueError, FileExistsError, FileNotFoundError) as err:  # bad data, changed arguments, existing dst
         print(f"ambient-fast restore: error: {err}", file=sys.stderr)
         return 1
     finally:
-        if ctx.world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        shutdown(ctx, ok=ok)
     if ctx.is_main:
         text = json.dumps(asdict(report), indent=1, sort_keys=True) + "\n"
         if args.report is not None and not args.dry_run:

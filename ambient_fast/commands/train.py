@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         parser.error(f"argument --init: no such file: {args.init}")
     kwargs = train_kwargs_from_args(args)
     if args.resume is not None:
-        from ..loops.runs import read_json
+        from ..runtime import read_json
 
         config_path = args.resume / "config.json"
         if not config_path.exists():
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         where = args.resume or args.out / f"NNNNN-train-{desc}"
         dump_dry_run(f"train on {data} into {where}", kwargs)
         return 0
-    from ..loops.runs import init_distributed, print0, shared_run_dir
+    from ..runtime import init_distributed, print0, shared_run_dir
     from ..loops.train import train
 
     init_distributed(kwargs.get("device", "auto"))

@@ -72,7 +72,7 @@ class _SampleReader(torch.utils.data.Dataset):
         if self.flip and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
         chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-        return index, chw.to(torch.float32).div_(127.5).sub_(1.0)
+        return index, chw.to(torch.float32).sub_(127.5).mul_(1 / 127.5)  # as DALI: (u8 - mean) * (1 / std)
 
 
 def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list]:

@@ -314,7 +314,7 @@ def annotate_classifier(
     """
     from ..data import load_dataset_tensors
     from ..nn import build_network
-    from .runs import resolve_device
+    from ..runtime import resolve_device
     from .train import network_kwargs_for
 
     dev = resolve_device(device)

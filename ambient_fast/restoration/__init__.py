@@ -13,7 +13,7 @@ Public API:
   :class:`RestoreSource` (dataset IO over :func:`ambient_fast.data.open_dataset`), :class:`ArgumentsChanged`.
 """
 
-from .checkpoint import DenoiserConfig, load_denoiser, read_denoiser_config, save_denoiser
+from ..nn.checkpoint import DenoiserConfig, load_denoiser, read_denoiser_config, save_denoiser
 from .dataset import RestoreOptions, RestorePlan, RestoreReport, restore_dataset, staging_folder
 from .io import RestoreSource, open_source
 from .journal import ArgumentsChanged

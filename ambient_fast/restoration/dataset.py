@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..nn.checkpoint import file_sha256, load_denoiser, module_fingerprint
+from ..runtime import RankContext
 from ..samplers.restore import RESTORE_SIGMA_FLOOR
-from .checkpoint import file_sha256, load_denoiser, module_fingerprint
-from .distributed import RankContext
 from .io import RestoreSource, open_source
 from .journal import RunDir, staging_dir
 from .pipeline import GridSpec, Shard, ShardExecutor, plan_shards
