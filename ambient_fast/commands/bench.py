@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..loops.evaluate import generate
-    from ..runtime import resolve_device
     from ..loops.train import train
+    from ..runtime import resolve_device
 
     device = resolve_device(args.device)
     gen = torch.Generator().manual_seed(0)

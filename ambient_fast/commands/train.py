@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
         where = args.resume or args.out / f"NNNNN-train-{desc}"
         dump_dry_run(f"train on {data} into {where}", kwargs)
         return 0
-    from ..runtime import init_distributed, print0, shared_run_dir
     from ..loops.train import train
+    from ..runtime import init_distributed, print0, shared_run_dir
 
     init_distributed(kwargs.get("device", "auto"))
     run_dir = args.resume or shared_run_dir(args.out, f"train-{desc}")

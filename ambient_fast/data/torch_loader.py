@@ -11,6 +11,7 @@ Augmentation is deterministic: the main process gives every batch slot a seed fr
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -90,7 +91,7 @@ class _PlanSampler(torch.utils.data.Sampler):
     keeps each batch's sigma for the main process."""
 
     def __init__(self, loader: TorchBatchLoader):
-        self.loader = loader
+        self.loader = weakref.proxy(loader)  # no cycle: the workers end with the loader
 
     def __iter__(self):
         loader = self.loader
