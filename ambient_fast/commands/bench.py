@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..loops.options import nonnegative_int, positive_int
+from .options import nonnegative_int, positive_int
 
 HELP = "measure training (images/s, eager vs compiled) and sampling throughput"
 

@@ -28,7 +28,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..loops.options import dump_dry_run, float_in, positive_float, positive_int
+from .options import dump_dry_run, float_in, positive_float, positive_int
 
 HELP = "run the bundled digits demo (ambient vs baselines vs dataloops) and print the table"
 

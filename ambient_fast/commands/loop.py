@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..loops.options import (
+from .options import (
     add_train_arguments,
     check_train_args,
     dump_dry_run,

@@ -19,7 +19,7 @@ examples:
   ambient-fast restore --model ckpt.safetensors --src data/x --dst out/x1 --dry-run
   torchrun --nproc-per-node 8 -m ambient_fast.cli restore --model ckpt.safetensors \\
       --src data/cifar-blur --dst data/cifar-restored --batch-size 1024 --precision bf16
-  ambient-fast restore --diffusers models/my-sd --src shards/diffusiondb --dst shards/restored-1 \
+  ambient-fast restore --diffusers models/my-sd --src shards/diffusiondb --dst shards/restored-1 \\
       --guidance-scale 3.5 --store-latents        # latent text-to-image, captions kept
 """
 
@@ -31,39 +31,15 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..loops.options import nonnegative_float, nonnegative_int, positive_int
+from .options import nonnegative_float, number, positive_int
 
 HELP = "restore a dataset's corrupt samples by posterior sampling (resumable, multi-GPU)"
 
 _SEED_LIMIT = 2**32
 
 
-def _float_at_least(low: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (low <= value < float("inf")):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text}")
-        return value
-
-    parse.__name__ = f"float >= {low:g}"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    value = _float_at_least(0.0)(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = nonnegative_int(text)
-    if value >= _SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be < 2^32, got {text}")
-    return value
+_positive_float = number(float, above=0)
+_seed = number(int, at_least=0, below=_SEED_LIMIT)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -109,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--rho-ambient",
-        type=_float_at_least(1.0),
+        type=number(float, at_least=1.0),
         default=None,
         metavar="R",
         help="new annotation sigma_min / R when restoring to 0 (default: 8, the anchors' pixel runs; latent: 2)",

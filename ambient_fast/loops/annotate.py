@@ -376,15 +376,24 @@ def write_annotated_version(
 ) -> Path:
     """A new dataset version ``dst``: ``src``'s samples (byte for byte) with new ``sigma_min``.
 
-    The source is never modified (SPEC 6); ``sigma_max`` is kept.
+    The source is never modified (SPEC 6); ``sigma_max`` is kept. A failed run leaves
+    nothing, or an unfinished version that the same call continues.
     """
     from dataclasses import replace
 
-    from ..data import open_dataset, write_dataset
+    from ..data import open_dataset
+    from ..data.resumable import write_version
 
     ds = open_dataset(src)
     if sigma_min.shape != (len(ds),):
         raise ValueError(f"sigma_min must have one value per sample ({len(ds)}), got shape {tuple(sigma_min.shape)}")
     values = sigma_min.double().tolist()
-    samples = (replace(ds.read(i), sigma_min=values[i]) for i in range(len(ds)))
-    return write_dataset(dst, ds.format, samples, parent=ds, creator=creator, params=params)
+    return write_version(
+        dst,
+        ds.format,
+        ds.keys,
+        lambda i: replace(ds.read(i), sigma_min=values[i]),
+        parent=ds,
+        creator=creator,
+        params=params,
+    )

@@ -52,7 +52,7 @@ from ..core.precond import EDMPrecond
 from ..core.schedules import EDM_P_MEAN, EDM_P_STD, SIGMA_DATA
 from ..data.batch import Batch, LookupTables
 from ..data.sampler import NoiseFirstBatchSampler
-from ..data.train_input import (
+from ..data.stream import (
     CACHE_BUDGET_BYTES,
     CachedBatchLoader,
     IndexedBatchSampler,
@@ -105,7 +105,7 @@ class TrainResult:
     steps: int  # optimiser steps
     log: list[dict[str, Any]]  # records of log.jsonl: images, loss, lr, images_per_second, ...
     images_per_second: float  # throughput of this call (all ranks, excluding start-up)
-    input_backend: str = "cache"  # "cache", "dali" or "torch" (see ambient_fast.data.train_input)
+    input_backend: str = "cache"  # "cache", "dali" or "torch" (see ambient_fast.data.stream)
 
 
 def train_defaults() -> dict[str, Any]:

@@ -147,6 +147,9 @@ def read_denoiser_config(path: str | os.PathLike[str]) -> DenoiserConfig:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        hint = f"; it holds {path / 'denoiser.safetensors'}" if (path / "denoiser.safetensors").is_file() else ""
+        raise FileNotFoundError(f"{path} is a folder, not a denoiser checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ambient_fast.data import Sample, dali_available, open_dataset, write_dataset
-from ambient_fast.data.train_input import CACHE_BUDGET_BYTES, cache_bytes, choose_backend
+from ambient_fast.data.stream import CACHE_BUDGET_BYTES, cache_bytes, choose_backend
 from ambient_fast.loops.train import train
 from ambient_fast.nn import load_denoiser
 

@@ -1,4 +1,5 @@
-"""Training input: one rank's noise-level-first batches, streamed or cached (SPEC 3).
+"""Streamed or cached reading: one rank's noise-level-first training batches (SPEC 3), and
+a dataset's images in file order for evaluation.
 
 :func:`open_training_input` is the one way the training loop reads data. Whatever the
 backend, the noise-level-first sampler chooses the order (sigma first, then a sample
@@ -16,11 +17,15 @@ training sigmas, so the same seed gives the same batches on every backend:
   DALI is missing (and for tensor datasets, which have nothing to decode).
 
 Images come out as float32 ``(u8 - 127.5) / 127.5`` in [-1, 1] on every backend.
+
+:func:`iter_images` streams a whole dataset in file order (``fid --samples``, the classifier
+annotation), through DALI where installed, else the torch loader.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
@@ -38,6 +43,7 @@ __all__ = [
     "IndexedBatchSampler",
     "cache_bytes",
     "choose_backend",
+    "iter_images",
     "open_training_input",
 ]
 
@@ -245,6 +251,24 @@ def open_training_input(
             num_workers=num_workers,
             on_bad_sample="raise",
             pin_memory=device.type == "cuda",
-            multiprocessing_context="forkserver" if num_workers > 0 else None,
+            multiprocessing_context="forkserver" if num_workers > 0 and "nvidia.dali" in sys.modules else None,
         )
     raise ValueError(f"backend must be 'cache', 'dali' or 'torch', got {backend!r}")
+
+
+def iter_images(dataset: Dataset, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """Every sample of ``dataset`` once, in file order: float32 ``(B, ...)`` CPU batches in
+    [-1, 1] (tensor datasets: their stored rows), with bounded memory. Bad files raise
+    :class:`~ambient_fast.data.BadSampleError` naming the file."""
+    from .dali_pipeline import dali_available
+
+    if isinstance(dataset, ImageDataset) and dali_available():
+        from .dali_pipeline import build_dali_pipeline
+
+        loader = build_dali_pipeline(dataset, batch_size=batch_size, crop=None, on_bad_sample="raise")
+    else:
+        from .torch_loader import make_torch_loader
+
+        loader = make_torch_loader(dataset, batch_size=batch_size, crop=None, on_bad_sample="raise")
+    for batch in loader:
+        yield batch.images
