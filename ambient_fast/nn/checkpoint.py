@@ -11,7 +11,7 @@ Denoiser format (``format_version`` 1):
 
 Loading never unpickles anything and never imports a module named by the file: the only
 code that runs is ``build_network`` with the stored name, which looks it up in the
-package's own registry. Writes are atomic (temporary file + rename).
+package's own registry. Writes are atomic (temporary file + rename), mode 0644 under umask 022.
 
 Training state (``training-state.safetensors``, :func:`save_training_state`): a nested dict
 (model, EMA, optimiser, step, RNG and sampler states, config) whose tensors and arrays are
@@ -34,6 +34,7 @@ from torch import nn
 
 from ..core.precond import EDMPrecond
 from ..core.schedules import SIGMA_DATA
+from ..runtime import atomic_write
 
 __all__ = [
     "DenoiserConfig",
@@ -133,12 +134,7 @@ def save_denoiser(
     DenoiserConfig.from_json(config.to_json(), "save_denoiser")  # same checks as on load
     state = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata={METADATA_KEY: config.to_json()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: config.to_json()}))
     return path
 
 
@@ -268,13 +264,7 @@ def save_training_state(path: str | os.PathLike[str], state: dict[str, Any]) -> 
 
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(_flatten(state, "s", tensors))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata={TRAINING_STATE_KEY: skeleton})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={TRAINING_STATE_KEY: skeleton}))
 
 
 def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
