@@ -177,6 +177,7 @@ class AmbientLoss:
         mode: Literal["ambient", "contraction"] = "ambient",
         fixed_noise: bool = True,  # frozen per-sample nature noise (needs sample_ids)
         noise_seed: int = 0,  # run seed mixed into the frozen noise
+        stored: bool = False,  # the data is stored noisy at sigma_min (no nature noise added)
         backend: Literal["auto", "torch", "triton", "cpp"] = "auto",
         validate: bool = True,  # eager input checks; False drops their host syncs per step
     ) -> None:
@@ -184,6 +185,7 @@ class AmbientLoss:
         self.validate = validate
         self.s_max, self.buffer, self.mode = s_max, buffer, mode
         self.fixed_noise, self.noise_seed, self.backend = fixed_noise, noise_seed, backend
+        self.stored = stored
         eligibility_rule(s_max, buffer)
 
     def __call__(
@@ -197,6 +199,7 @@ class AmbientLoss:
         sigma_max: torch.Tensor | None = None,
         sample_ids: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        eta_seeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-sample loss ``(B,)`` for one batch.
 
@@ -210,18 +213,22 @@ class AmbientLoss:
             sigma_max: ``(B,)`` locality levels (None = 0).
             sample_ids: ``(B,)`` ids for the frozen per-sample noise.
             generator: for sigma and the fresh noise.
+            eta_seeds: int ``(B,)`` seeds of the fresh noise instead of ``generator`` (e.g.
+                one per global batch slot, so a slot's noise does not depend on its rank).
         """
         batch = images.shape[0]
         if sigma is None:
             sigma = edm_training_sigmas(
                 batch, P_mean=self.P_mean, P_std=self.P_std, device=images.device, generator=generator
             )
-        if self.fixed_noise and sample_ids is None:
+        if self.fixed_noise and not self.stored and sample_ids is None:
             raise ValueError("AmbientLoss(fixed_noise=True) needs sample_ids (one id per image)")
         # The pair is formed at the level the coefficients use: 0 for contraction (the corrupt
-        # sample itself is the plain target, as in Ambient-o's released code) and for rows
-        # trained as clean under the locality rule; sigma_min otherwise.
-        pair_sigma_min = torch.zeros_like(sigma_min) if self.mode == "contraction" else sigma_min
+        # sample itself is the plain target, as in Ambient-o's released code; data stored noisy
+        # is already at sigma_min) and for rows trained as clean under the locality rule;
+        # sigma_min otherwise.
+        contraction_as_clean = self.mode == "contraction" and not self.stored
+        pair_sigma_min = torch.zeros_like(sigma_min) if contraction_as_clean else sigma_min
         if sigma_max is not None:
             pair_sigma_min = torch.where(sigma < sigma_max, torch.zeros_like(pair_sigma_min), pair_sigma_min)
         # Rows below their own sigma_min do not train; their pair is formed at 0 (noisy_pair
@@ -235,6 +242,8 @@ class AmbientLoss:
             sample_ids=sample_ids if self.fixed_noise else None,
             noise_seed=self.noise_seed,
             generator=generator,
+            eta_seeds=eta_seeds,
+            stored=self.stored,
             validate=self.validate,
         )
         pred = net(y_t, sigma, labels)

@@ -14,8 +14,15 @@ the median images/s over ``--repeats`` epochs (after one warm-up epoch) and the 
 ratio. ``--gpu`` decodes with ``device="mixed"`` (nvJPEG/nvImageCodec) and moves the torch
 batches to the GPU for a like-for-like comparison.
 
+``--train`` instead times ``ambient_fast.loops.train`` itself (noise-level-first batches, the
+ambient loss, Adam, EMA) on the folder set at its stored size, reading through the three
+training inputs: the in-memory cache (``cache="on"``), the DALI stream and the torch
+DataLoader stream (``num_workers=--threads``), in interleaved rounds; steady-state training
+images/s (the first log interval, with pipeline start-up, left out) and the ratios.
+
     python benchmarks/bench_data.py --n 4096 --size 64 --crop 56 --batch 256 --threads 2
     python benchmarks/bench_data.py --gpu --threads 8
+    python benchmarks/bench_data.py --train --n 4096 --size 64 --batch 256 --threads 2 --rounds 3
 """
 
 from __future__ import annotations
@@ -89,6 +96,43 @@ def time_epochs(make_loader, repeats: int, device: str) -> tuple[float, list[flo
     return statistics.median(rates), rates
 
 
+def bench_training(path: Path, args: argparse.Namespace, device: str) -> dict:
+    """Interleaved rounds of ``train()`` per input backend; median steady-state images/s."""
+    from ambient_fast.loops.train import train
+
+    backends = {
+        "cache": dict(cache="on"),
+        "dali": dict(cache="off", stream="dali", loader_threads=args.threads),
+        "torch": dict(cache="off", stream="torch", loader_workers=args.threads),
+    }
+    steps = max(8, args.train_steps)
+    rates: dict[str, list[float]] = {name: [] for name in backends}
+    losses: dict[str, list[float]] = {}
+    for round_ in range(args.rounds):
+        for name, kwargs in backends.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                result = train(
+                    path, tmp, network=args.network, batch_size=args.batch, total_images=steps * args.batch,
+                    log_every=steps // 4, checkpoint_images=steps * args.batch, progress=False, device=device,
+                    resume=False, **kwargs,
+                )
+            assert result.input_backend == name
+            steady = [r["images_per_second"] for r in result.log[1:]]
+            rates[name].append(statistics.mean(steady))
+            losses[name] = [r["loss"] for r in result.log]
+            print(f"round {round_} {name:6s} {rates[name][-1]:9.0f} img/s", flush=True)
+    same = all(losses[name] == losses["cache"] for name in backends)
+    row = {name: statistics.median(r) for name, r in rates.items()}
+    row.update({f"{name}_runs": r for name, r in rates.items()}, same_loss_curves=same)
+    print()
+    print("| input | training img/s (median) | runs | / cache |")
+    print("|---|---:|---|---:|")
+    for name in backends:
+        print(f"| {name} | {row[name]:.0f} | {[round(r) for r in rates[name]]} | {row[name] / row['cache']:.2f} |")
+    print(f"identical loss curves across inputs: {same}")
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=4096, help="images in the set")
@@ -101,6 +145,10 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="decode on the GPU (DALI device='mixed')")
     parser.add_argument("--data", type=Path, default=None, help="reuse/build the image set here")
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
+    parser.add_argument("--train", action="store_true", help="time train() per input backend instead of epochs")
+    parser.add_argument("--rounds", type=int, default=3, help="--train: interleaved rounds")
+    parser.add_argument("--train-steps", type=int, default=16, help="--train: optimiser steps per run")
+    parser.add_argument("--network", default="mlp-small", help="--train: network preset")
     args = parser.parse_args()
 
     from ambient_fast.data import build_dali_pipeline, make_noise_first_sampler, make_torch_loader, open_dataset
@@ -115,6 +163,21 @@ def main() -> None:
         t0 = time.perf_counter()
         paths = build_images(root, args.n, args.size, seed=0)
         print(f"built {args.n} {args.size}px PNGs in 3 formats in {time.perf_counter() - t0:.1f}s at {root}")
+
+    meta = {
+        "machine": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
+    if args.train:
+        torch.set_num_threads(args.threads)
+        row = bench_training(paths["folder"], args, device)
+        if args.json:
+            args.json.write_text(json.dumps({"meta": meta, "train": row}, indent=1))
+        return
 
     common = dict(resolution=args.crop, crop="center", flip=True)
     dali_device = "mixed" if args.gpu else "cpu"
@@ -158,13 +221,6 @@ def main() -> None:
     for row in results:
         rates = " | ".join(f"{row[name]:.0f}" for name in ("dali", "dali+noise1st", "torch"))
         print(f"| {row['format']} | {rates} | {row['ratio_dali_torch']:.2f} |")
-    meta = {
-        "machine": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "args": {k: str(v) for k, v in vars(args).items()},
-    }
     if args.json:
         args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
 

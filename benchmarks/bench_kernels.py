@@ -26,7 +26,7 @@ def report(argv: list[str]) -> str:
     """Run ``ambient-fast bench kernels <argv>`` and return the markdown report."""
     import torch
 
-    from ambient_fast.loops.runs import resolve_device
+    from ambient_fast.runtime import resolve_device
 
     args = build_parser().parse_args(["bench", "kernels", *argv])
     device = resolve_device(args.device)

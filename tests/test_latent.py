@@ -721,16 +721,15 @@ TORCHRUN_CHILD = """
 import sys
 import torch
 torch.set_num_threads(1)
-from ambient_fast.restoration.distributed import init_from_env
+from ambient_fast.runtime import init_runtime, shutdown
 from ambient_fast.restoration.latent_stages import LatentSettings, latent_restoration
 from ambient_fast.restoration import restore_dataset
 from tests.test_latent import LATENT_RUN
 
-ctx = init_from_env()
+ctx = init_runtime("cpu")
 restore_dataset(src=sys.argv[2], dst=sys.argv[3], **latent_restoration(sys.argv[1], LatentSettings(), device="cpu"),
                 **LATENT_RUN)
-ctx.barrier()
-torch.distributed.destroy_process_group()
+shutdown(ctx)
 """
 
 

@@ -99,3 +99,42 @@ def test_fixed_presets():
     assert fixed_sigma_min("noise", 0.3) == 0.3
     with pytest.raises(ValueError, match="blur 0.7"):
         fixed_sigma_min("blur", 0.7)
+
+
+def _anchors_ewm(values: list[float], span: float) -> list[float]:
+    """pandas ``Series(values).ewm(span=span, adjust=False).mean()``, written out."""
+    alpha = 2.0 / (span + 1.0)
+    out = [values[0]]
+    for v in values[1:]:
+        out.append((1 - alpha) * out[-1] + alpha * v)
+    return out
+
+
+def _anchors_first_confusion(trajectory: list[float], times: list[float], epsilon: float) -> float:
+    """The anchors' ``analyze_classifier_trajectory``: the first time where
+    ``0.5 - p + epsilon > 0``, else the last time."""
+    confused = [j for j, p in enumerate(trajectory) if 0.5 - p + epsilon > 0]
+    return times[confused[0] if confused else len(times) - 1]
+
+
+def test_annotation_equals_the_anchors_rule_on_their_trajectories():
+    """Ambient-o's annotation at load (ANCHORS 2.3): 2048 levels exp(1.2 N(0,1) - 1.2)
+    sorted (torch seed 42), 4 trials per level averaged, EWM span 32 (adjust=False), then the
+    first level with 0.5 - p + 0.05 > 0. Trajectories fall from ~1 to chance at a per-sample
+    level, plus a row that never crosses and one sitting exactly on the threshold."""
+    gen = torch.Generator().manual_seed(42)
+    sigmas = torch.sort(torch.exp(1.2 * torch.randn(2048, generator=gen, dtype=torch.float64) - 1.2)).values
+    n, trials = 24, 4
+    gen = torch.Generator().manual_seed(0)
+    crossing = torch.exp(torch.empty(n, dtype=torch.float64).uniform_(-2.5, 1.5, generator=gen))
+    logits = 6.0 * (crossing.log()[:, None] - sigmas.log()[None, :])
+    clean = torch.sigmoid(logits)[:, :, None] * 0.5 + 0.5
+    probs = (clean + 0.08 * torch.randn(n, 2048, trials, generator=gen, dtype=torch.float64)).clamp(0, 1).mean(2)
+    probs[0] = 0.97  # never confused: the last level
+    probs[1] = 0.55  # on the threshold: the float rounding of 0.5 - p + eps decides, as in the anchors
+    ours = crossing_sigmas(smooth_along_sigma(probs, 32.0), sigmas, epsilon=0.05)
+    times = sigmas.tolist()
+    anchors = [_anchors_first_confusion(_anchors_ewm(row, 32.0), times, 0.05) for row in probs.tolist()]
+    assert ours.tolist() == anchors
+    assert anchors[0] == times[-1]
+    assert len(set(anchors[2:])) > 10  # the rows cross at many different levels

@@ -4,13 +4,15 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from ambient_fast.cli import main
+from ambient_fast.data import Sample, write_dataset
 from ambient_fast.loops.train import load_training_state, train
-from ambient_fast.restoration import load_denoiser
+from ambient_fast.nn import load_denoiser
 
 SMALL = dict(
     network="mlp-small", batch_size=32, log_every=1, lr_rampup_images=64, ema_halflife_images=500, progress=False
@@ -103,7 +105,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_two_process_ddp_matches_one_process(tmp_path):
     single = train(_data(), tmp_path / "one", total_images=32 * 6, device="cpu", **SMALL)
     mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, start_method="spawn")
-    from ambient_fast.loops.runs import read_jsonl
+    from ambient_fast.runtime import read_jsonl
 
     two = read_jsonl(tmp_path / "two" / "log.jsonl")
     assert [r["step"] for r in two] == [r["step"] for r in single.log]
@@ -157,7 +159,13 @@ def test_cli_validation_names_the_option(capsys, tmp_path):
 def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "data"
-    data.mkdir()
+    rng = np.random.default_rng(0)
+    write_dataset(
+        data,
+        "folder",
+        [Sample(index=i, key=f"{i}.png", array=rng.integers(0, 256, (8, 8), dtype=np.uint8), sigma_min=0.5 * (i % 2),
+                sigma_max=0.0) for i in range(4)],
+    )
     before = sorted(p for p in tmp_path.rglob("*"))
     assert main(["train", "--data", str(data), "--out", str(tmp_path / "runs"), "--dry-run"]) == 0
     assert main(["loop", "--data", str(data), "--ref", str(data), "--out", str(tmp_path / "runs"), "--dry-run"]) == 0

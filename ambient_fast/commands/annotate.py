@@ -21,7 +21,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..loops.options import dump_dry_run, existing_dir, float_in, positive_float, positive_int
+from .options import (
+    dump_dry_run,
+    existing_dir,
+    float_in,
+    nonnegative_int,
+    number,
+    output_state,
+    positive_float,
+    positive_int,
+)
 
 HELP = "annotate corrupt samples with sigma_min (fixed presets or the Ambient-o classifier)"
 
@@ -59,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--sigma-hi", type=positive_float, default=10.0, help="highest level of the grid (default: %(default)s)"
     )
-    g.add_argument("--num-sigmas", type=positive_int, default=64, help="grid points (default: %(default)s)")
+    g.add_argument("--num-sigmas", type=number(int, at_least=2), default=64, help="grid points (default: %(default)s)")
     g.add_argument(
         "--trials", type=positive_int, default=4, help="noise draws per sample and level (default: %(default)s)"
     )
@@ -72,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--smooth-span", type=positive_float, default=4.0, help="EWM span along the grid (default: %(default)s)"
     )
-    g.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    g.add_argument("--seed", type=nonnegative_int, default=0, help="seed (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="validate the options, print the plan, write nothing")
 
@@ -85,12 +94,10 @@ def run(args: argparse.Namespace) -> int:
         parser.error("argument --fixed/--preset/--classifier: choose one method")
     if args.dst is None and not args.dry_run:
         parser.error("argument --dst: required (annotations go to a new dataset version)")
-    if args.dst is not None and args.dst.exists():
-        parser.error(f"argument --dst: {args.dst} exists")
+    if args.dst is not None and output_state(args.dst) == "taken":
+        parser.error(f"argument --dst: {args.dst} exists (annotations go to a new dataset version)")
     if args.sigma_lo >= args.sigma_hi:
         parser.error(f"argument --sigma-hi: must be > --sigma-lo ({args.sigma_lo}), got {args.sigma_hi}")
-    if args.num_sigmas < 2:
-        parser.error(f"argument --num-sigmas: must be >= 2, got {args.num_sigmas}")
     from ..loops.annotate import fixed_sigma_min
 
     level = args.fixed

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..loops.options import nonnegative_int, positive_int
+from .options import nonnegative_int, positive_int
 
 HELP = "measure training (images/s, eager vs compiled) and sampling throughput"
 
@@ -100,7 +100,7 @@ def _run_kernels(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench.kernels import SHAPES, markdown_table, run_kernel_bench
-    from ..loops.runs import resolve_device
+    from ..runtime import resolve_device
 
     device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
@@ -183,8 +183,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..loops.evaluate import generate
-    from ..loops.runs import resolve_device
     from ..loops.train import train
+    from ..runtime import resolve_device
 
     device = resolve_device(args.device)
     gen = torch.Generator().manual_seed(0)

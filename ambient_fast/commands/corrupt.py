@@ -12,7 +12,7 @@ corruptions and their parameters:
 
 examples:
   ambient-fast corrupt --src data/cifar10 --dst data/cifar10-blur0.6 --corruption blur --sigma-blur 0.6 --fraction 0.9
-  ambient-fast corrupt --src data/digits --dst data/digits-noise --corruption noise --std 0.2 \
+  ambient-fast corrupt --src data/digits --dst data/digits-noise --corruption noise --std 0.2 \\
       --fraction 0.97 --selection exact
   ambient-fast corrupt --digits data/digits --dst data/digits-jpeg --corruption jpeg --quality 25 --fraction 0.9
 """
@@ -22,7 +22,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..loops.options import dump_dry_run, existing_dir, float_in, nonnegative_float, positive_float, positive_int
+from .options import (
+    dump_dry_run,
+    existing_dir,
+    float_in,
+    nonnegative_float,
+    nonnegative_int,
+    number,
+    output_state,
+    positive_float,
+    positive_int,
+)
 
 HELP = "corrupt a share of a dataset into a new version annotated with sigma_min"
 
@@ -59,10 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="annotation of corrupted samples (default: preset / noise std)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="selection and corruption seed (default: %(default)s)")
+    parser.add_argument(
+        "--seed", type=nonnegative_int, default=0, help="selection and corruption seed (default: %(default)s)"
+    )
     g = parser.add_argument_group("corruption parameters")
     g.add_argument("--sigma-blur", type=positive_float, help="blur std in pixels")
-    g.add_argument("--quality", type=int, help="JPEG quality 1-95")
+    g.add_argument("--quality", type=number(int, at_least=1, at_most=95), help="JPEG quality 1-95")
     g.add_argument("--std", type=positive_float, help="noise std in [-1, 1] units")
     g.add_argument("--holes", type=positive_int, help="mask: number of holes")
     g.add_argument("--hole-size", type=positive_int, help="mask: hole side in pixels")
@@ -80,12 +92,8 @@ def run(args: argparse.Namespace) -> int:
         parser.error("argument --dst: required")
     if args.corruption is None:
         parser.error("argument --corruption: required")
-    if args.dst.exists():
+    if output_state(args.dst) == "taken":
         parser.error(f"argument --dst: {args.dst} exists (a corruption writes a new version)")
-    if args.seed < 0:
-        parser.error(f"argument --seed: must be >= 0, got {args.seed}")
-    if args.quality is not None and not 1 <= args.quality <= 95:
-        parser.error(f"argument --quality: must be in [1, 95], got {args.quality}")
     allowed = _PARAMS[args.corruption]
     params = {
         name: getattr(args, name) for names in _PARAMS.values() for name in names if getattr(args, name) is not None

@@ -28,7 +28,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..loops.options import dump_dry_run, float_in, positive_float, positive_int
+from .options import dump_dry_run, float_in, positive_float, positive_int
 
 HELP = "run the bundled digits demo (ambient vs baselines vs dataloops) and print the table"
 
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         dump_dry_run(f"run the {preset} demo into {args.out / 'NNNNN-demo-digits'}", kwargs)
         return 0
     from ..loops.demo import format_table, run_demo
-    from ..loops.runs import next_run_dir, read_json
+    from ..runtime import next_run_dir, read_json
 
     t0 = time.perf_counter()
     run_dir = next_run_dir(args.out, "demo-digits")

@@ -19,7 +19,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..loops.options import existing_dir, positive_float, positive_int
+import torch
+
+from .options import existing_dir, positive_float, positive_int
 
 HELP = "Frechet distance (FID or the digits FD) of samples or a model to a reference"
 
@@ -60,8 +62,13 @@ def run(args: argparse.Namespace) -> int:
     parser = args._parser
     if args.model is None and args.samples is None:
         parser.error("argument --model/--samples: one is required")
-    if args.model is not None and not args.model.is_file():
-        parser.error(f"argument --model: no such file: {args.model}")
+    if args.model is not None:
+        from ..nn import read_denoiser_config
+
+        try:
+            read_denoiser_config(args.model)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(f"argument --model: {err}")
     if args.ref is None:
         parser.error("argument --ref: required")
     ref_is_stats = args.ref.suffix == ".npz"
@@ -76,16 +83,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"dry run: would compute {args.metric} of {source} against {args.ref}; nothing written")
         return 0
     from .. import eval as ev
-    from ..data import load_dataset_tensors
+    from ..data import load_dataset_tensors, open_dataset
+    from ..data.stream import iter_images
     from ..loops.evaluate import generate
-    from ..loops.runs import resolve_device
+    from ..runtime import resolve_device
 
+    # Samples and a folder reference stream through the data pipeline (bounded memory);
+    # the memorisation rate and the digits FD need the images in memory.
     device = resolve_device(args.device)
-    reference = str(args.ref) if ref_is_stats else load_dataset_tensors(args.ref).images
+    in_memory = args.memorisation or args.metric == "fd_digits"
+    reference = None if ref_is_stats else load_dataset_tensors(args.ref).images if in_memory else open_dataset(args.ref)
     if args.model is not None:
-        from ..restoration import load_denoiser
+        from ..nn import load_denoiser
 
-        shape = tuple(_model_shape(args.model)) if ref_is_stats else tuple(reference.shape[1:])
+        shape = tuple(_model_shape(args.model)) if ref_is_stats else tuple(_sample_shape(reference))
         samples = generate(
             load_denoiser(args.model, device=device),
             args.num_samples,
@@ -94,8 +105,13 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             device=device,
         ).clamp(-1, 1)
-    else:
+        batches = samples.split(250)
+    elif in_memory:
         samples = load_dataset_tensors(args.samples).images
+        batches = samples.split(250)
+    else:
+        samples = open_dataset(args.samples)
+        batches = iter_images(samples, 250)
     if args.metric == "fd_digits":
         value = ev.fd_digits(samples, reference)
     else:
@@ -103,21 +119,33 @@ def run(args: argparse.Namespace) -> int:
             extractor = ev.inception_feature_extractor(args.inception_weights, device)
         except FileNotFoundError as err:
             parser.error(f"argument --inception-weights: {err}")
-        value = ev.fid_from_batches(samples.split(250), reference, extractor=extractor)
+        if ref_is_stats:
+            ref_stats = str(args.ref)
+        elif isinstance(reference, torch.Tensor):
+            ref_stats = reference
+        else:
+            ref_stats = ev.feature_statistics(iter_images(reference, 250), extractor)
+        value = ev.fid_from_batches(batches, ref_stats, extractor=extractor)
     result = {"metric": args.metric, "value": value, "num_samples": len(samples)}
     if args.memorisation:
         kwargs = {} if args.threshold is None else {"threshold": args.threshold}
         result["memorisation"] = ev.memorisation_rate(samples, reference, **kwargs)
     print(json.dumps(result))
     if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        from ..runtime import write_json
+
+        write_json(args.json, result)
     return 0
 
 
+def _sample_shape(reference) -> tuple[int, ...]:
+    return tuple(reference.shape[1:]) if isinstance(reference, torch.Tensor) else tuple(reference.sample_shape)
+
+
 def _model_shape(path: Path) -> list[int]:
-    from ..restoration import read_denoiser_config
+    from ..nn import read_denoiser_config
 
     shape = read_denoiser_config(path).extra.get("sample_shape")
     if shape is None:
-        raise SystemExit(f"{path}: no sample_shape in its metadata; pass --ref as a dataset folder instead of .npz")
+        raise ValueError(f"{path}: no sample_shape in its metadata; pass --ref as a dataset folder instead of .npz")
     return shape

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..loops.options import (
+from .options import (
     add_train_arguments,
     check_train_args,
     dump_dry_run,
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     check_train_args(parser, args)
     if args.seed < 0:
         parser.error(f"argument --seed: must be >= 0, got {args.seed}")
-    from ..loops.runs import read_json
+    from ..runtime import read_json
 
     if args.resume is not None:
         if not (args.resume / "config.json").exists():
@@ -183,11 +183,16 @@ def run(args: argparse.Namespace) -> int:
         dump_dry_run(f"run {kwargs['loops']} loop(s) on {data} into {where}", kwargs)
         return 0
     from ..loops.dataloop import run_dataloop
-    from ..loops.runs import init_distributed, print0, shared_run_dir
+    from ..runtime import init_runtime, print0, shared_run_dir, shutdown
 
-    init_distributed(kwargs["device"])
-    run_dir = run_dir or shared_run_dir(args.out, f"loop-{args.desc or data.name}")
-    result = run_dataloop(data, run_dir, **kwargs, resume=args.resume is not None, progress=not args.no_progress)
+    ctx = init_runtime(kwargs["device"])
+    ok = False
+    try:
+        run_dir = run_dir or shared_run_dir(args.out, f"loop-{args.desc or data.name}")
+        result = run_dataloop(data, run_dir, **kwargs, resume=args.resume is not None, progress=not args.no_progress)
+        ok = True
+    finally:
+        shutdown(ctx, ok=ok)
     for r in result.loops:
         value = f"{r['value']:.3f}" if r.get("value") is not None else "-"
         print0(f"loop {r['loop']}: {kwargs['metric']} {value}" + (" (best)" if r["loop"] == result.best_loop else ""))

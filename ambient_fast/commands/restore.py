@@ -19,9 +19,9 @@ examples:
   ambient-fast restore --model ckpt.safetensors --src data/x --dst out/x1 --dry-run
   torchrun --nproc-per-node 8 -m ambient_fast.cli restore --model ckpt.safetensors \\
       --src data/cifar-blur --dst data/cifar-restored --batch-size 1024 --precision bf16
-  ambient-fast restore --model ckpt.safetensors --src shards/laion-jpeg --dst shards/laion-r1 \
+  ambient-fast restore --model ckpt.safetensors --src shards/laion-jpeg --dst shards/laion-r1 \\
       --resize --output-codec webp          # JPEG WebDataset shards in, lossless WebP out, captions kept
-  ambient-fast restore --diffusers models/my-sd --src shards/diffusiondb --dst shards/restored-1 \
+  ambient-fast restore --diffusers models/my-sd --src shards/diffusiondb --dst shards/restored-1 \\
       --guidance-scale 3.5 --store-latents  # latent text-to-image on the same engine (anchors' global grid)
 
 Images (JPEG, PNG, WebP) are decoded by DALI where it is installed (--reader), checked
@@ -42,39 +42,15 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ..loops.options import nonnegative_float, nonnegative_int, positive_int
+from .options import nonnegative_float, number, positive_int
 
 HELP = "restore a dataset's corrupt samples by posterior sampling (resumable, multi-GPU)"
 
 _SEED_LIMIT = 2**32
 
 
-def _float_at_least(low: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (low <= value < float("inf")):
-            raise argparse.ArgumentTypeError(f"must be a finite number >= {low:g}, got {text}")
-        return value
-
-    parse.__name__ = f"float >= {low:g}"
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    value = _float_at_least(0.0)(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _seed(text: str) -> int:
-    value = nonnegative_int(text)
-    if value >= _SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be < 2^32, got {text}")
-    return value
+_positive_float = number(float, above=0)
+_seed = number(int, at_least=0, below=_SEED_LIMIT)
 
 
 def _output_codec(text: str) -> str:
@@ -182,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--rho-ambient",
-        type=_float_at_least(1.0),
+        type=number(float, at_least=1.0),
         default=None,
         metavar="R",
         help="new annotation sigma_min / R when restoring to 0 (default: 8, the anchors' pixel runs; latent: 2)",
@@ -346,22 +322,19 @@ def run(args: argparse.Namespace) -> int:
     path_defaults(args)
     _check(parser, args)
     from ..restoration import DestinationLocked, read_denoiser_config
-    from ..restoration.distributed import init_from_env
+    from ..runtime import init_runtime, shutdown
 
     if args.model is not None:
         try:
             read_denoiser_config(args.model)
         except (ValueError, FileNotFoundError) as err:
             parser.error(f"argument --model: {err}")
-    ctx = init_from_env()
+    ctx = init_runtime()
     device = None if args.device == "auto" else args.device
+    ok = False
     try:
         report = _restore(args, device)
-        # Meet right before teardown, so no rank closes its gloo sockets while a peer is still
-        # between its last collective and destroy_process_group (a rare SIGABRT seen in CI).
-        # Success path only: after a rank-local error a barrier could wait on a peer that is
-        # blocked in a different collective.
-        ctx.barrier()
+        ok = True
     except DestinationLocked as err:  # one line: who holds --dst
         print(f"ambient-fast restore: {err}", file=sys.stderr)
         return 1
@@ -369,10 +342,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ambient-fast restore: error: {err}", file=sys.stderr)
         return 1
     finally:
-        if ctx.world_size > 1:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        shutdown(ctx, ok=ok)
     if ctx.is_main:
         text = json.dumps(asdict(report), indent=1, sort_keys=True) + "\n"
         if args.report is not None and not args.dry_run:

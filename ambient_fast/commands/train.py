@@ -23,8 +23,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..loops.options import (
+from .options import (
     add_train_arguments,
+    check_network,
     check_train_args,
     dump_dry_run,
     existing_dir,
@@ -48,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init", type=Path, default=None, metavar="CKPT", help="start from this denoiser (e.g. a previous loop's)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--dry-run", action="store_true", help="validate the options, print the config, write nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the options, the data and the network; write nothing"
+    )
     add_train_arguments(parser)
 
 
@@ -57,39 +60,65 @@ def run(args: argparse.Namespace) -> int:
     check_train_args(parser, args)
     if args.resume is None and args.data is None:
         parser.error("argument --data: required (unless --resume is given)")
-    if args.init is not None and not args.init.is_file():
-        parser.error(f"argument --init: no such file: {args.init}")
     kwargs = train_kwargs_from_args(args)
     if args.resume is not None:
-        from ..loops.runs import read_json
+        from ..loops.train import RESUMABLE_CHANGES
+        from ..runtime import read_json
 
         config_path = args.resume / "config.json"
         if not config_path.exists():
             parser.error(f"argument --resume: {args.resume} has no config.json (not a training run)")
         saved = read_json(config_path)
         data = Path(saved["data"])
-        # The run's own options win; the length, checkpoint and log cadence and the device may
-        # be changed on the command line (e.g. --total-images to train longer).
-        changeable = {"total_images", "checkpoint_images", "log_every", "device"}
-        given = {k for k in changeable if getattr(args, k) != parser.get_default(k)}
+        # The run's own options win; those that do not change the trajectory (length,
+        # checkpoint and log cadence, device, input backend) may be given on the command line.
+        given = {k for k in RESUMABLE_CHANGES & set(kwargs) if getattr(args, k) != parser.get_default(k)}
         kwargs.update({k: v for k, v in saved.items() if k in kwargs and k not in given})
         if isinstance(kwargs.get("betas"), list):
             kwargs["betas"] = tuple(kwargs["betas"])
         init = saved.get("init")
     else:
         data, init = args.data, args.init
+    if init is not None and not Path(init).is_file():
+        parser.error(f"argument --init: no such file: {init}")
+    check_network(parser, kwargs["network"], kwargs.get("network_kwargs"))
+    _check_data(parser, data, kwargs)
     kwargs["init"] = str(init) if init is not None else None
     desc = args.desc or data.name
     if args.dry_run:
         where = args.resume or args.out / f"NNNNN-train-{desc}"
         dump_dry_run(f"train on {data} into {where}", kwargs)
         return 0
-    from ..loops.runs import init_distributed, print0, shared_run_dir
     from ..loops.train import train
+    from ..runtime import init_runtime, print0, shared_run_dir, shutdown
 
-    init_distributed(kwargs.get("device", "auto"))
-    run_dir = args.resume or shared_run_dir(args.out, f"train-{desc}")
-    result = train(data, run_dir, **kwargs, resume=args.resume is not None, progress=not args.no_progress)
+    ctx = init_runtime(kwargs.get("device", "auto"))
+    ok = False
+    try:
+        # The folder is named here and created by train() once the data and the network are
+        # known to work, so a failed start leaves no empty run folder.
+        run_dir = args.resume or shared_run_dir(args.out, f"train-{desc}", create=False)
+        result = train(data, run_dir, **kwargs, resume=args.resume is not None, progress=not args.no_progress)
+        ok = True
+    finally:
+        shutdown(ctx, ok=ok)
     print0(f"trained {result.images} images in {result.steps} steps ({result.images_per_second:.0f} img/s)")
     print0(f"denoiser: {result.denoiser_path}")
     return 0
+
+
+def _check_data(parser: argparse.ArgumentParser, data: Path, kwargs: dict) -> None:
+    """The dataset opens, its annotation reads, and the network fits its samples."""
+    from ..data import DatasetError, open_dataset
+    from ..loops.train import network_kwargs_for
+
+    try:
+        dataset = open_dataset(data)
+    except (DatasetError, FileNotFoundError) as err:
+        parser.error(f"argument --data: {err}")
+    if kwargs.get("use_labels") and dataset.labels is None:
+        parser.error(f"argument --use-labels: {data} has no class labels (dataset.json 'labels')")
+    try:
+        network_kwargs_for(kwargs["network"], tuple(dataset.sample_shape), **(kwargs.get("network_kwargs") or {}))
+    except ValueError as err:
+        parser.error(f"argument --network: {err}")

@@ -185,15 +185,25 @@ class LookupTables:
     """
 
     def __init__(self, dataset: Dataset):
+        self._fill(dataset.sigma_min, dataset.sigma_max, dataset.labels)
         self.dataset = dataset
-        self.sigma_min = torch.from_numpy(dataset.sigma_min.astype(np.float32))
-        self.sigma_max = torch.from_numpy(dataset.sigma_max.astype(np.float32))
-        labels = dataset.labels
+        self.has_captions = dataset.has_captions
+
+    @classmethod
+    def from_arrays(cls, sigma_min, sigma_max, labels=None) -> LookupTables:
+        """Tables for samples held in memory (no dataset, no captions): ``(N,)`` arrays."""
+        tables = cls.__new__(cls)
+        tables._fill(np.asarray(sigma_min), np.asarray(sigma_max), None if labels is None else np.asarray(labels))
+        tables.dataset, tables.has_captions = None, False
+        return tables
+
+    def _fill(self, sigma_min: np.ndarray, sigma_max: np.ndarray, labels: np.ndarray | None) -> None:
+        self.sigma_min = torch.from_numpy(sigma_min.astype(np.float32))
+        self.sigma_max = torch.from_numpy(sigma_max.astype(np.float32))
         if labels is None:
-            self.labels = torch.full((len(dataset),), -1, dtype=torch.int64)
+            self.labels = torch.full((len(sigma_min),), -1, dtype=torch.int64)
         else:
             self.labels = torch.from_numpy(np.ascontiguousarray(labels))
-        self.has_captions = dataset.has_captions
 
     def batch(self, images: torch.Tensor, ids: torch.Tensor, sigma: torch.Tensor | np.ndarray | None) -> Batch:
         ids = ids.to(torch.int64).reshape(-1)

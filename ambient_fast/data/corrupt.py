@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .dataset import Dataset, ImageDataset, Sample, TensorDataset, open_dataset
+from .resumable import write_version
 from .writer import DatasetWriter
 
 __all__ = [
@@ -278,7 +279,9 @@ def corrupt_dataset(
 
     Args:
         source: a dataset or its path (never modified).
-        dest: the new version's folder (must be new).
+        dest: the new version's folder: new, or an unfinished version of the same call
+            (a failed run leaves nothing or a state this call continues; see
+            :func:`ambient_fast.data.resumable.write_version`).
         corruption: ``"blur" | "jpeg" | "noise" | "mask" | "downsample"``.
         fraction: probability (``per_sample``) or share (``exact``) of corrupted samples.
         seed: selects the samples and seeds per-sample randomness (with each key).
@@ -301,13 +304,6 @@ def corrupt_dataset(
     clipped = corruption == "noise" and fmt != "tensors"
     if clipped:
         log.warning("noise written as %s images is clipped to [0, 1] and quantised to 8 bits: no longer Gaussian", fmt)
-    writer = DatasetWriter(
-        dest,
-        fmt,
-        parent=dataset,
-        creator="ambient_fast.data.corrupt",
-        params={"corruption": corruption, **params, "fraction": fraction, "seed": seed, "selection": selection},
-    )
     record = {
         "kind": corruption,
         "params": params,
@@ -319,19 +315,24 @@ def corrupt_dataset(
         "per_sample_randomness": "numpy default_rng(blake2b-64(seed, 'corrupt', source key))",
         "clipped": clipped,
         "count": int(chosen.sum()),
-        "corrupted_keys": [
-            writer.output_key(_version_key(k, fmt)) for k, c in zip(dataset.keys, chosen, strict=True) if c
-        ],
     }
-    chunk: list[Sample] = []
-    for i in range(len(dataset)):
-        chunk.append(_corrupt_sample(dataset, i, bool(chosen[i]), corruption, params, level, seed, fmt))
-        if len(chunk) == chunk_size:
-            writer.write_chunk(chunk)
-            chunk = []
-    if chunk:
-        writer.write_chunk(chunk)
-    return writer.close(extra={"corruption": record})
+    keys = [_version_key(k, fmt) for k in dataset.keys]
+
+    def manifest(writer: DatasetWriter) -> dict:
+        corrupted = [writer.output_key(k) for k, c in zip(keys, chosen, strict=True) if c]
+        return {"corruption": {**record, "corrupted_keys": corrupted}}
+
+    return write_version(
+        dest,
+        fmt,
+        keys,
+        lambda i: _corrupt_sample(dataset, i, bool(chosen[i]), corruption, params, level, seed, fmt),
+        chunk_size=chunk_size,
+        extra=manifest,
+        parent=dataset,
+        creator="ambient_fast.data.corrupt",
+        params={"corruption": corruption, **params, "fraction": fraction, "seed": seed, "selection": selection},
+    )
 
 
 def _corrupt_sample(

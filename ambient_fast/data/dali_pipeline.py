@@ -86,7 +86,9 @@ class _Feeder:
     at the end of each epoch; the next call after it starts the next epoch."""
 
     def __init__(self, loader: DALIBatchLoader):
-        self.loader = loader
+        # A proxy, not a reference: the pipeline holds this callable, so a strong reference
+        # would make a cycle and keep the pipeline's buffers alive until the next gc run.
+        self.loader = weakref.proxy(loader)
         self.plan: Iterator | None = None
         self.in_flight: collections.deque = collections.deque(maxlen=loader.prefetch_queue_depth + 2)
         self.error: BaseException | None = None

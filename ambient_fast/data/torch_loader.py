@@ -11,6 +11,7 @@ Augmentation is deterministic: the main process gives every batch slot a seed fr
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -72,7 +73,7 @@ class _SampleReader(torch.utils.data.Dataset):
         if self.flip and rng.random() < 0.5:
             pixels = pixels[:, ::-1]
         chw = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-        return index, chw.to(torch.float32).div_(127.5).sub_(1.0)
+        return index, chw.to(torch.float32).sub_(127.5).mul_(1 / 127.5)  # as DALI: (u8 - mean) * (1 / std)
 
 
 def _collate(items: list) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, list]:
@@ -90,7 +91,7 @@ class _PlanSampler(torch.utils.data.Sampler):
     keeps each batch's sigma for the main process."""
 
     def __init__(self, loader: TorchBatchLoader):
-        self.loader = loader
+        self.loader = weakref.proxy(loader)  # no cycle: the workers end with the loader
 
     def __iter__(self):
         loader = self.loader

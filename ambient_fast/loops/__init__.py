@@ -32,8 +32,8 @@ The demo (:mod:`.demo`)
     ``run_demo(run_dir, *, preset="default"|"quick"|"study", ...) -> DemoResult``,
     ``DEMO_PRESETS``, ``LoopVariant``, ``format_table``.
 
-Run folders and ranks (:mod:`.runs`): ``next_run_dir``, ``shared_run_dir``,
-``init_distributed``, ``print0``, ``write_json``; reports (:mod:`.report`): ``plot_report``.
+Run folders, ranks, JSON records and the resume guard live in :mod:`ambient_fast.runtime`;
+reports (:mod:`.report`): ``plot_report``.
 """
 
 from .annotate import (
@@ -50,7 +50,6 @@ from .annotate import (
 from .dataloop import LoopResult, run_dataloop
 from .demo import DEMO_PRESETS, DemoResult, LoopVariant, run_demo
 from .evaluate import evaluate_denoiser, generate
-from .runs import init_distributed, next_run_dir, print0, shared_run_dir
 from .train import TRAIN_MODES, TrainResult, detect_nature_noise, load_training_state, network_kwargs_for, train
 
 __all__ = [
@@ -70,14 +69,10 @@ __all__ = [
     "evaluate_denoiser",
     "fixed_sigma_min",
     "generate",
-    "init_distributed",
     "load_training_state",
     "network_kwargs_for",
-    "next_run_dir",
-    "print0",
     "run_dataloop",
     "run_demo",
-    "shared_run_dir",
     "smooth_along_sigma",
     "train",
     "train_classifier",

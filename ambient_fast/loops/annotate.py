@@ -221,20 +221,19 @@ def classifier_probabilities(
 
 
 def smooth_along_sigma(probs: torch.Tensor, span: float) -> torch.Tensor:
-    """Exponentially weighted mean along the sigma axis (pandas ``ewm(span, adjust=True)``).
+    """Exponentially weighted mean along the sigma axis, as the anchors smooth classifier
+    trajectories (pandas ``ewm(span=span, adjust=False).mean()``, ANCHORS 2.3).
 
+    ``y_0 = p_0``, ``y_j = (1 - a) y_{j-1} + a p_j`` with ``a = 2 / (span + 1)``.
     ``probs`` ``(N, S)`` with sigma increasing along dim 1; ``span <= 1`` returns it unchanged.
     """
     if span <= 1:
         return probs
     alpha = 2.0 / (span + 1.0)
-    num = torch.zeros_like(probs[:, 0])
-    den = 0.0
     out = torch.empty_like(probs)
-    for j in range(probs.shape[1]):
-        num = (1 - alpha) * num + probs[:, j]
-        den = (1 - alpha) * den + 1.0
-        out[:, j] = num / den
+    out[:, 0] = probs[:, 0]
+    for j in range(1, probs.shape[1]):
+        out[:, j] = (1 - alpha) * out[:, j - 1] + alpha * probs[:, j]
     return out
 
 
@@ -243,13 +242,14 @@ def crossing_sigmas(
 ) -> torch.Tensor:
     """First sigma where the (smoothed) ``P(corrupt)`` falls below ``0.5 + epsilon``: ``(N,)``.
 
-    Samples that never cross get the last sigma (as the anchors do). ``sigmas`` must be
-    increasing.
+    The anchors' rule (``analyze_classifier_trajectory``): the first level where
+    ``0.5 - p + epsilon > 0``, evaluated in that order so float ties fall the same way;
+    samples that never cross get the last sigma. ``sigmas`` must be increasing.
     """
     if not bool((sigmas[1:] > sigmas[:-1]).all()):
         raise ValueError("sigmas must be strictly increasing")
     smoothed = smooth_along_sigma(probs, smooth_span)
-    below = smoothed < 0.5 + epsilon
+    below = (0.5 - smoothed + epsilon) > 0
     first = torch.where(
         below.any(dim=1), below.float().argmax(dim=1), torch.full_like(below[:, 0], len(sigmas) - 1, dtype=torch.long)
     )
@@ -314,7 +314,7 @@ def annotate_classifier(
     """
     from ..data import load_dataset_tensors
     from ..nn import build_network
-    from .runs import resolve_device
+    from ..runtime import resolve_device
     from .train import network_kwargs_for
 
     dev = resolve_device(device)
@@ -376,15 +376,24 @@ def write_annotated_version(
 ) -> Path:
     """A new dataset version ``dst``: ``src``'s samples (byte for byte) with new ``sigma_min``.
 
-    The source is never modified (SPEC 6); ``sigma_max`` is kept.
+    The source is never modified (SPEC 6); ``sigma_max`` is kept. A failed run leaves
+    nothing, or an unfinished version that the same call continues.
     """
     from dataclasses import replace
 
-    from ..data import open_dataset, write_dataset
+    from ..data import open_dataset
+    from ..data.resumable import write_version
 
     ds = open_dataset(src)
     if sigma_min.shape != (len(ds),):
         raise ValueError(f"sigma_min must have one value per sample ({len(ds)}), got shape {tuple(sigma_min.shape)}")
     values = sigma_min.double().tolist()
-    samples = (replace(ds.read(i), sigma_min=values[i]) for i in range(len(ds)))
-    return write_dataset(dst, ds.format, samples, parent=ds, creator=creator, params=params)
+    return write_version(
+        dst,
+        ds.format,
+        ds.keys,
+        lambda i: replace(ds.read(i), sigma_min=values[i]),
+        parent=ds,
+        creator=creator,
+        params=params,
+    )

@@ -18,7 +18,6 @@ restoration from the samples already written. The orchestrator only wires compon
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 
-from .runs import print0, read_json, read_jsonl, write_json
+from ..runtime import check_unchanged, init_runtime, print0, read_json, read_jsonl, write_json
 
 __all__ = ["LoopResult", "run_dataloop"]
 
@@ -74,19 +73,18 @@ def run_dataloop(
     """Run SPEC 6 on ``data`` into ``run_dir`` (see module docstring)."""
     from ..data import load_dataset_tensors
     from .evaluate import evaluate_denoiser
-    from .runs import init_distributed
     from .train import train
 
     config = {
         k: v
         for k, v in locals().items()
-        if k not in ("load_dataset_tensors", "evaluate_denoiser", "init_distributed", "train")
+        if k not in ("load_dataset_tensors", "evaluate_denoiser", "train")
     }
     config["data"], config["run_dir"] = str(data), str(run_dir)
     config["reference"] = None if reference is None else str(reference)
     config["start_model"] = None if start_model is None else str(start_model)
     _check_options(config)
-    dist = init_distributed(device)
+    dist = init_runtime(device)
     run_dir, data = Path(run_dir), Path(data)
     state = _open_state(run_dir, config, resume, dist.is_main)
     original = load_dataset_tensors(data)
@@ -170,7 +168,7 @@ def run_dataloop(
                 )
                 write_json(loop_dir / "metrics.json", {**record, "metric": metric})
                 say(f"[loop {k}/{loops}] {metric} = {scores['value']:.3f}")
-            record = _broadcast(record, dist.world_size)
+            record = dist.broadcast(record)
             finish(record, "evaluate")
         stopped = _worse_for(history + [record], patience)
 
@@ -194,7 +192,7 @@ def run_dataloop(
                     **{"seed": seed, **(annotate_kwargs or {})},
                     device=str(dist.device),
                 )
-            _barrier(dist.world_size)
+            dist.barrier()
             record.update(data=str(loop_dir / "data"))
             finish(record, "annotate")
         if "data" in record:
@@ -248,12 +246,7 @@ def _open_state(run_dir: Path, config: dict[str, Any], resume: bool, is_main: bo
         if not (run_dir / "config.json").exists():
             raise FileNotFoundError(f"cannot resume: {run_dir} has no config.json (not a loop run folder)")
         saved = read_json(run_dir / "config.json")
-        current = json.loads(json.dumps(config, default=str))  # tuples -> lists, as saved
-        changed = sorted(
-            k for k in saved if k not in ("resume", "progress", "device", "loops") and saved[k] != current.get(k)
-        )
-        if changed:
-            raise ValueError(f"cannot resume {run_dir}: options differ from the run's config.json: {changed}")
+        check_unchanged(saved, config, may_change=("resume", "progress", "device", "loops"), where=str(run_dir))
         state = read_json(state_path) if state_path.exists() else {"loops": [], "current": None, "stopped_early": False}
         if is_main:
             write_json(run_dir / "config.json", config)
@@ -278,19 +271,6 @@ def _worse_for(history: list[dict[str, Any]], patience: int) -> bool:
 def _best_loop(history: list[dict[str, Any]]) -> int | None:
     scored = [(r["value"], r["loop"]) for r in history if r.get("value") is not None]
     return min(scored)[1] if scored else None
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
-
-
-def _broadcast(record: dict[str, Any], world: int) -> dict[str, Any]:
-    if world == 1:
-        return record
-    box = [record]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _restore(

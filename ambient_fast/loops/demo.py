@@ -125,7 +125,7 @@ def run_demo(
     """Run the demo into ``run_dir``; writes ``metrics.json`` (the table), ``demo.json`` (also
     every run), ``table.md`` and ``report.png`` beside the runs' folders."""
     from ..data import demo_dataset, open_dataset
-    from .runs import write_json
+    from ..runtime import write_json
 
     if preset not in DEMO_PRESETS:
         raise ValueError(f"preset must be one of {sorted(DEMO_PRESETS)}, got {preset!r}")

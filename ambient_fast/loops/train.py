@@ -2,16 +2,17 @@
 
 One optimiser step, as in the anchors (ANCHORS 1, 4):
 
-1. The noise-level-first sampler gives this rank's ``(index, sigma)`` pairs: sigma is drawn
-   first from the EDM log-normal, then a sample eligible at sigma (SPEC 3).
-2. The noisy pair ``y_tmin = y0 + sigma_min n_i`` (``n_i`` frozen per sample) and
-   ``y_t = y_tmin + sqrt(sigma^2 - sigma_min^2) eta``; ``eta`` is counter-based noise keyed by
-   (run seed, step, global batch slot), so a slot gets the same noise whichever rank holds
-   it: 1 process and N processes with the same global batch follow the same trajectory, and
-   a resumed run draws the same noise as an uninterrupted one.
-3. ``D = net(y_t, sigma)``, per-sample ambient loss (``ambient_fast.ambient_loss``), summed
-   over elements and averaged over the batch as the anchors do (``loss_reduction``).
-4. Grads: ``nan_to_num``, clip to ``grad_clip``, Adam with a linear lr ramp-up, EMA with a
+1. The training input (:func:`ambient_fast.data.open_training_input`: the in-memory cache,
+   or a DALI / torch stream) gives this rank's batch in the noise-level-first sampler's
+   order: sigma drawn first from the EDM log-normal, then a sample eligible at it (SPEC 3);
+   sample ids and sigmas travel with the images.
+2. :class:`~ambient_fast.core.loss.AmbientLoss` forms the noisy pair (``n_i`` frozen per
+   sample id; ``eta`` counter-based, keyed by (run seed, global batch slot), so a slot gets
+   the same noise whichever rank holds it: 1 process and N processes with the same global
+   batch follow the same trajectory, and a resumed run draws the same noise as an
+   uninterrupted one), runs the denoiser and returns the per-sample loss, summed over
+   elements and averaged over the batch as the anchors do (``loss_reduction``).
+3. Grads: ``nan_to_num``, clip to ``grad_clip``, Adam with a linear lr ramp-up, EMA with a
    half-life in images (EDM's ramp: half-life <= ``ema_rampup`` x images seen).
 
 Training modes (for the demo and ablations): ``clean`` (only samples with sigma_min = 0),
@@ -19,10 +20,11 @@ Training modes (for the demo and ablations): ``clean`` (only samples with sigma_
 buffered sigma_min, plain loss), ``ambient`` (the ambient loss).
 
 Checkpoints: the whole training state (model, EMA, optimiser, step, RNG states, sampler
-state, config) is one safetensors file, ``training-state.safetensors``, replaced atomically
-every ``checkpoint_images`` images and at the end; ``train(..., resume=True)`` continues
-from it with the same batches. The EMA denoiser is exported with
-``ambient_fast.restoration.save_denoiser`` as ``denoiser.safetensors``.
+position, config) is one safetensors file, ``training-state.safetensors``
+(:func:`ambient_fast.nn.save_training_state`), replaced atomically every
+``checkpoint_images`` images and at the end; ``train(..., resume=True)`` continues from it
+with the same batches. The EMA denoiser is exported with :func:`ambient_fast.nn.save_denoiser`
+as ``denoiser.safetensors``.
 
 Multi-process: run the same call under ``torchrun``; DistributedDataParallel (NCCL on CUDA,
 gloo on CPU), per-rank batch = ``batch_size / world_size``, rank 0 writes and prints.
@@ -32,30 +34,44 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import os
 import random
-import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..loss import ambient_loss
-from ..core.noise import derive_seeds, noisy_pair
+from ..core.noise import derive_seeds
+from ..loss import AmbientLoss
 from ..core.precond import EDMPrecond
 from ..core.schedules import EDM_P_MEAN, EDM_P_STD, SIGMA_DATA
+from ..data.batch import Batch, LookupTables
 from ..data.sampler import NoiseFirstBatchSampler
-from .runs import append_jsonl, init_distributed, read_jsonl, write_json
+from ..data.stream import (
+    CACHE_BUDGET_BYTES,
+    CachedBatchLoader,
+    IndexedBatchSampler,
+    choose_backend,
+    open_training_input,
+)
+from ..nn.checkpoint import load_denoiser, load_training_state, save_denoiser, save_training_state
+from ..runtime import (
+    RankContext,
+    append_jsonl,
+    check_unchanged,
+    init_runtime,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 
 __all__ = [
+    "RESUMABLE_CHANGES",
     "TRAIN_MODES",
     "TrainResult",
     "detect_nature_noise",
@@ -69,11 +85,13 @@ TRAIN_MODES = ("clean", "plain", "contraction", "ambient")
 STATE_FILE = "training-state.safetensors"
 DENOISER_FILE = "denoiser.safetensors"
 LOG_FILE = "log.jsonl"
-_META_KEY = "ambient_fast.training_state"
 # Options that may change between a checkpoint and its resumption (they do not change the
-# trajectory): everything else must match or resume refuses.
-_RESUMABLE_CHANGES = frozenset(
-    {"total_images", "checkpoint_images", "progress", "log_every", "device", "init", "resume"}
+# trajectory: every input backend gives the same batches): everything else must match.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "total_images", "checkpoint_images", "progress", "log_every", "device", "init", "resume",
+        "cache", "cache_budget_bytes", "stream", "loader_threads", "loader_workers",
+    }
 )
 
 
@@ -82,11 +100,12 @@ class TrainResult:
     """What :func:`train` produced."""
 
     run_dir: Path  # the training folder
-    denoiser_path: Path  # EMA denoiser (restoration.save_denoiser format)
+    denoiser_path: Path  # EMA denoiser (nn.save_denoiser format)
     images: int  # images trained on in total (all ranks)
     steps: int  # optimiser steps
     log: list[dict[str, Any]]  # records of log.jsonl: images, loss, lr, images_per_second, ...
     images_per_second: float  # throughput of this call (all ranks, excluding start-up)
+    input_backend: str = "cache"  # "cache", "dali" or "torch" (see ambient_fast.data.stream)
 
 
 def train_defaults() -> dict[str, Any]:
@@ -125,6 +144,11 @@ def train(
     precision: Literal["fp32", "bf16", "fp16"] = "fp32",  # autocast dtype of the network
     allow_tf32: bool = False,                  # TF32 matmuls on CUDA (anchors: off)
     compile: Literal["auto", "on", "off"] = "auto",  # torch.compile the denoiser; auto = on for CUDA only
+    cache: Literal["auto", "on", "off"] = "auto",  # in-memory dataset; auto = when it fits cache_budget_bytes
+    cache_budget_bytes: int = CACHE_BUDGET_BYTES,  # decoded size up to which "auto" caches (4 GiB)
+    stream: Literal["auto", "dali", "torch"] = "auto",  # streaming reader when not cached; auto = DALI if installed
+    loader_threads: int = 2,                   # DALI / cache decode threads
+    loader_workers: int = 2,                   # torch DataLoader workers (stream="torch")
     checkpoint_images: int = 100_000,          # write the training state every this many images
     log_every: int = 20,                       # log / progress update every this many steps
     seed: int = 0,                             # init, batches and noise
@@ -135,9 +159,9 @@ def train(
     """Train an EDM denoiser on a dataset with per-sample sigma_min (see module docstring).
 
     Args:
-        data: dataset folder (read with ``ambient_fast.data.load_dataset_tensors``) or the
-            tuple it returns: ``(images (N, C, H, W) in [-1, 1], sigma_min (N,),
-            sigma_max (N,), ids (N,), labels (N,) or None)``.
+        data: dataset folder (any format of ``ambient_fast.data.open_dataset``), or the
+            tuple ``load_dataset_tensors`` returns: ``(images (N, C, H, W) in [-1, 1],
+            sigma_min (N,), sigma_max (N,), ids (N,), labels (N,) or None)``, used as the cache.
         run_dir: folder for ``config.json``, ``log.jsonl``, the training state and
             ``denoiser.safetensors``; created if missing.
 
@@ -149,52 +173,54 @@ def train(
     _check_options(config)
     if nature_noise == "auto":
         nature_noise = config["nature_noise"] = detect_nature_noise(data)
-    dist = init_distributed(device)
-    world, rank, dev = dist.world_size, dist.rank, dist.device
+    ctx = init_runtime(device)
+    world, rank, dev = ctx.world_size, ctx.rank, ctx.device
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} must be divisible by the world size {world}")
     local_batch = batch_size // world
-    run_dir = Path(run_dir)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     torch.backends.cudnn.allow_tf32 = allow_tf32
 
-    # Data, in memory on the training device (the anchors cache datasets in RAM); the
-    # sampler decides eligibility on the float64 annotation.
-    images, sigma_min, sigma_max, sample_ids, labels = _training_set(data, mode, use_labels)
+    # Data: the noise-level-first sampler over the samples this mode trains on, read
+    # through the cache or a stream (same batches either way).
+    pool = _training_pool(data, mode, use_labels)
     sampler = NoiseFirstBatchSampler(
-        sigma_min, local_batch, sigma_max=sigma_max, s_max=s_max, buffer=buffer,
+        pool.sigma_min, local_batch, sigma_max=pool.sigma_max, s_max=s_max, buffer=buffer,
         P_mean=P_mean, P_std=P_std, seed=seed, rank=rank, world_size=world,
     )
-    images, sample_ids = images.to(dev), sample_ids.to(dev)
-    sigma_min, sigma_max = sigma_min.to(dev, torch.float32), sigma_max.to(dev, torch.float32)
-    labels = labels.to(dev) if labels is not None else None
+    loader, backend = _open_input(pool, sampler, config, ctx)
 
-    # Networks and optimiser.
+    # Networks, optimiser, loss.
     torch.manual_seed(seed)
-    net_kwargs = network_kwargs_for(network, tuple(images.shape[1:]), **(network_kwargs or {}))
-    if labels is not None:
-        net_kwargs.setdefault("num_classes", int(labels.max()) + 1)
+    net_kwargs = network_kwargs_for(network, pool.sample_shape, **(network_kwargs or {}))
+    if pool.num_classes is not None:
+        net_kwargs.setdefault("num_classes", pool.num_classes)
     net = _build_denoiser(network, net_kwargs, sigma_data).to(dev)
     if init is not None:
         _load_init(net, init)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr, betas=betas, eps=adam_eps, foreach=True)
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "fp16")
+    loss_fn = AmbientLoss(
+        P_mean=P_mean, P_std=P_std, sigma_data=sigma_data, s_max=s_max, buffer=buffer,
+        mode="contraction" if mode == "contraction" else "ambient",
+        fixed_noise=nature_noise == "fixed", stored=nature_noise == "stored", noise_seed=seed, validate=False,
+    )
 
-    step, images_done = 0, 0
+    # The run folder: created only now that every option and the data have been checked.
+    run_dir = Path(run_dir)
     state_path = run_dir / STATE_FILE
+    step, images_done = 0, 0
     if resume and state_path.exists():
-        step, images_done = _restore_state(state_path, config, net, ema, opt, scaler, sampler, dev)
-        if dist.is_main:  # drop log records written after the checkpoint by the interrupted run
+        step, images_done = _restore_state(state_path, config, net, ema, opt, scaler, sampler)
+        if ctx.is_main:  # drop log records written after the checkpoint by the interrupted run
             kept = [r for r in read_jsonl(run_dir / LOG_FILE) if r["step"] <= step]
-            (run_dir / LOG_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
-    elif dist.is_main:
-        if state_path.exists():
-            state_path.unlink()
+            write_jsonl(run_dir / LOG_FILE, kept)
+    elif ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state_path.unlink(missing_ok=True)
         (run_dir / LOG_FILE).unlink(missing_ok=True)
-    if dist.is_main:
+    if ctx.is_main:
         write_json(run_dir / "config.json", config)
 
     model: nn.Module = net
@@ -207,40 +233,34 @@ def train(
         model = torch.compile(model)
     autocast = _autocast(precision, dev)
 
+    def denoise(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        with autocast:
+            return model(x, sigma, labels).float()
+
     # Loop.
-    elements = math.prod(images.shape[1:])
-    loss_scale = float(elements) if loss_reduction == "sum" else 1.0
-    batches = _endless(sampler)
-    bar = _progress_bar(total_images, images_done, enabled=progress and dist.is_main)
+    loss_scale = float(math.prod(pool.sample_shape)) if loss_reduction == "sum" else 1.0
+    bar = _progress_bar(total_images, images_done, enabled=progress and ctx.is_main)
     next_checkpoint = (images_done // checkpoint_images + 1) * checkpoint_images
     loss_sum = torch.zeros((), device=dev, dtype=torch.float64)
     loss_count = 0
     t_start, images_start, t_log = time.perf_counter(), images_done, time.perf_counter()
     net.train()
-    params = list(net.parameters())
-    ema_params = list(ema.parameters())
+    params, ema_params = list(net.parameters()), list(ema.parameters())
     buffers, ema_buffers = list(net.buffers()), list(ema.buffers())
+    batches = _endless(loader)
     while images_done < total_images:
-        idx, sigma = next(batches)
-        idx, sigma = idx.to(dev), sigma.to(device=dev, dtype=torch.float32)
-        label = labels[idx] if labels is not None else None
-        first_slot = step * batch_size + rank * local_batch
-        y_t, y_tmin = _noisy_pair(
-            images[idx], sigma, sigma_min[idx], sample_ids[idx], nature_noise, mode, seed, first_slot
-        )
-        with autocast:
-            pred = model(y_t, sigma, label)
-        per_sample = ambient_loss(
-            pred.float(), y_t, y_tmin, sigma, sigma_min[idx], sigma_max=sigma_max[idx], s_max=s_max, buffer=buffer,
-            mode="contraction" if mode == "contraction" else "ambient", sigma_data=sigma_data, reduction="none",
-            validate=False,
+        batch = _for_mode(next(batches), mode).to(dev, non_blocking=True)
+        slots = step * batch_size + rank * local_batch + torch.arange(len(batch), device=dev)
+        per_sample = loss_fn(
+            denoise, batch.images, batch.sigma_min, batch.labels if use_labels else None,
+            sigma=batch.sigma, sigma_max=batch.sigma_max, sample_ids=batch.sample_ids,
+            eta_seeds=derive_seeds(slots, seed),
         )
         loss = per_sample.mean() * loss_scale
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        grads = [p.grad for p in params if p.grad is not None]
-        for g in grads:
+        for g in [p.grad for p in params if p.grad is not None]:
             torch.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5, out=g)
         if grad_clip > 0:
             nn.utils.clip_grad_norm_(params, grad_clip)
@@ -258,33 +278,33 @@ def train(
         bar.update(batch_size)
 
         if step % log_every == 0 or images_done >= total_images:
-            mean_loss = _all_reduce_mean(loss_sum / loss_count, world)
+            mean_loss = ctx.all_reduce_mean(loss_sum / loss_count)
             now = time.perf_counter()
             record = {
                 "images": images_done,
                 "step": step,
-                "loss": float(mean_loss),
+                "loss": mean_loss,
                 "lr": opt.param_groups[0]["lr"],
                 "images_per_second": loss_count * batch_size / max(now - t_log, 1e-9),
             }
-            if dist.is_main:
+            if ctx.is_main:
                 append_jsonl(run_dir / LOG_FILE, record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
             loss_sum.zero_()
             loss_count, t_log = 0, now
         if images_done >= next_checkpoint or images_done >= total_images:
             next_checkpoint += checkpoint_images
-            if dist.is_main:
+            if ctx.is_main:
                 _save_state(state_path, config, step, images_done, net, ema, opt, scaler, sampler)
-            _barrier(world)
+            ctx.barrier()
     bar.close()
     elapsed = time.perf_counter() - t_start
     denoiser_path = run_dir / DENOISER_FILE
-    if dist.is_main:
+    if ctx.is_main:
         extra = {"images": images_done, "steps": step, "mode": mode, "ema_halflife_images": ema_halflife_images,
-                 "sample_shape": list(images.shape[1:])}
-        _export_denoiser(ema, denoiser_path, network, net_kwargs, extra)
-    _barrier(world)
+                 "sample_shape": list(pool.sample_shape)}
+        save_denoiser(denoiser_path, ema, name=network, network_kwargs=net_kwargs, sigma_data=sigma_data, extra=extra)
+    ctx.barrier()
     return TrainResult(
         run_dir=run_dir,
         denoiser_path=denoiser_path,
@@ -292,48 +312,93 @@ def train(
         steps=step,
         log=read_jsonl(run_dir / LOG_FILE),
         images_per_second=(images_done - images_start) / max(elapsed, 1e-9),
+        input_backend=backend,
     )
 
 
 # ---------------------------------------------------------------------------------------
-# Pieces of the step.
+# Data wiring.
 
 
-def _noisy_pair(
-    y0: torch.Tensor,
-    sigma: torch.Tensor,
-    sigma_min: torch.Tensor,
-    sample_ids: torch.Tensor,
-    nature_noise: str,
-    mode: str,
-    seed: int,
-    first_slot: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y_t, y_tmin)`` of SPEC 2 (VE) with rank-invariant noise (see module docstring).
+@dataclass
+class _Pool:
+    """The samples a run trains on: a dataset (or in-memory tensors) and its annotation
+    after the training mode (``clean``: the clean subset; ``plain``: sigma_min = 0)."""
 
-    - ambient, ``nature_noise="fixed"``: ``y_tmin = y0 + sm n_i`` (``n_i`` frozen per sample id,
-      exactly ``noisy_pair(..., sample_ids, noise_seed=seed)``), ``y_t = y_tmin + sqrt(s^2 - sm^2) eta``;
-    - ``"stored"`` (the data *is* noisy at sm): ``y_tmin = y0``, ``y_t = y0 + sqrt(s^2 - sm^2) eta``;
-    - contraction with ``"fixed"``: the corrupt sample is used as if clean, as Ambient-o's
-      released code does: ``y_tmin = y0``, ``y_t = y0 + s eta`` (plain target ``y0``).
+    dataset: Any  # ambient_fast.data.Dataset, or None for in-memory tensors
+    tensors: tuple | None  # (images, sigma_min, sigma_max, ids, labels) when given in memory
+    indices: np.ndarray | None  # dataset indices of the pool (None: all)
+    sigma_min: np.ndarray  # float64 (n,), the sampler's eligibility levels
+    sigma_max: np.ndarray  # float64 (n,)
+    sample_shape: tuple[int, ...]
+    num_classes: int | None
 
-    ``first_slot``: run-global number of this rank's first batch slot
-    (``step * batch_size + rank * local_batch``); slot k's ``eta`` depends only on k and ``seed``.
-    """
-    fixed = nature_noise == "fixed"
-    pair_sigma_min = torch.zeros_like(sigma_min) if fixed and mode == "contraction" else sigma_min
-    slots = first_slot + torch.arange(y0.shape[0], device=y0.device, dtype=torch.int64)
-    return noisy_pair(
-        y0.to(torch.float32),
-        sigma,
-        pair_sigma_min,
-        "ve",
-        sample_ids=sample_ids if fixed else None,
-        noise_seed=seed,
-        eta_seeds=derive_seeds(slots, seed),
-        stored=not fixed,
-        validate=False,
+
+def _training_pool(data: str | Path | Sequence[torch.Tensor], mode: str, use_labels: bool) -> _Pool:
+    """Open the dataset and apply the training mode to its annotation."""
+    if isinstance(data, (str, Path)):
+        from ..data import open_dataset
+
+        dataset, tensors = open_dataset(data), None
+        sigma_min, sigma_max, labels = dataset.sigma_min, dataset.sigma_max, dataset.labels
+        sample_shape = tuple(dataset.sample_shape)
+    else:
+        images, sigma_min, sigma_max, ids, labels = data
+        dataset = None
+        sigma_min = torch.as_tensor(sigma_min, dtype=torch.float64).numpy()
+        sigma_max = np.zeros_like(sigma_min) if sigma_max is None else torch.as_tensor(sigma_max).double().numpy()
+        labels = None if labels is None else torch.as_tensor(labels).numpy()
+        tensors = (images.to(torch.float32), sigma_min, sigma_max, torch.as_tensor(ids, dtype=torch.int64), labels)
+        sample_shape = tuple(images.shape[1:])
+    sigma_min, sigma_max = np.asarray(sigma_min, np.float64), np.asarray(sigma_max, np.float64)
+    num_classes = None
+    if use_labels:
+        if labels is None or np.asarray(labels).ndim != 1 or bool((np.asarray(labels) < 0).any()):
+            raise ValueError("use_labels=True needs an integer class label (>= 0) for every sample")
+        num_classes = int(np.asarray(labels).max()) + 1
+    indices = None
+    if mode == "clean":
+        indices = np.flatnonzero(sigma_min == 0)
+        if indices.size == 0:
+            raise ValueError("mode='clean' needs samples with sigma_min = 0; the dataset has none")
+        sigma_min, sigma_max = sigma_min[indices], sigma_max[indices]
+    elif mode == "plain":
+        sigma_min, sigma_max = np.zeros_like(sigma_min), np.zeros_like(sigma_max)
+    return _Pool(dataset, tensors, indices, sigma_min, sigma_max, sample_shape, num_classes)
+
+
+def _open_input(pool: _Pool, sampler: NoiseFirstBatchSampler, config: dict[str, Any], ctx: RankContext):
+    """``(loader, backend)``: this rank's batches (dataset indices) and how they are read."""
+    order = sampler if pool.indices is None else IndexedBatchSampler(sampler, pool.indices)
+    if pool.dataset is None:
+        images, sigma_min, sigma_max, ids, labels = pool.tensors
+        tables = LookupTables.from_arrays(sigma_min, sigma_max, labels)
+        return CachedBatchLoader(images.to(ctx.device), tables, order, sample_ids=ids), "cache"
+    backend = choose_backend(pool.dataset, config["cache"], config["cache_budget_bytes"], config["stream"])
+    loader = open_training_input(
+        pool.dataset, order, backend=backend, device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
+        seed=config["seed"], num_threads=config["loader_threads"], num_workers=config["loader_workers"],
     )
+    return loader, backend
+
+
+def _for_mode(batch: Batch, mode: str) -> Batch:
+    """``plain`` trains every sample as clean: its batch gets sigma_min = sigma_max = 0."""
+    if mode == "plain":
+        batch.sigma_min = torch.zeros_like(batch.sigma_min)
+        batch.sigma_max = torch.zeros_like(batch.sigma_max)
+    return batch
+
+
+def _endless(loader: Iterable[Batch]) -> Iterator[Batch]:
+    """The loader's batches, epoch after epoch (each ``iter`` is one epoch of the sampler,
+    which starts from its own position: see :func:`_save_state`)."""
+    while True:
+        yield from loader
+
+
+# ---------------------------------------------------------------------------------------
+# Pieces of the step.
 
 
 def _update_ema(
@@ -358,19 +423,6 @@ def _autocast(precision: str, dev: torch.device) -> contextlib.AbstractContextMa
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=dev.type, dtype=dtype)
-
-
-def _all_reduce_mean(value: torch.Tensor, world: int) -> float:
-    if world > 1:
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-        value /= world
-    return float(value)
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        torch.distributed.barrier()
 
 
 def _progress_bar(total: int, initial: int, *, enabled: bool):
@@ -399,57 +451,17 @@ def _check_options(config: dict[str, Any]) -> None:
         ("nature_noise", config["nature_noise"] in ("auto", "fixed", "stored"), "'auto', 'fixed' or 'stored'"),
         ("precision", config["precision"] in ("fp32", "bf16", "fp16"), "'fp32', 'bf16' or 'fp16'"),
         ("compile", config["compile"] in ("auto", "on", "off"), "'auto', 'on' or 'off'"),
+        ("cache", config["cache"] in ("auto", "on", "off"), "'auto', 'on' or 'off'"),
+        ("cache_budget_bytes", config["cache_budget_bytes"] >= 0, ">= 0"),
+        ("stream", config["stream"] in ("auto", "dali", "torch"), "'auto', 'dali' or 'torch'"),
+        ("loader_threads", config["loader_threads"] > 0, "> 0"),
+        ("loader_workers", config["loader_workers"] >= 0, ">= 0"),
         ("checkpoint_images", config["checkpoint_images"] > 0, "> 0"),
         ("log_every", config["log_every"] > 0, "> 0"),
     ]
     for name, ok, rule in checks:
         if not ok:
             raise ValueError(f"{name} must be {rule}, got {config[name]!r}")
-
-
-# ---------------------------------------------------------------------------------------
-# Wiring to the data, nn and restoration packages.
-
-
-def _training_set(
-    data: str | Path | Sequence[torch.Tensor], mode: str, use_labels: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Load the dataset and apply the training mode to its annotations."""
-    if isinstance(data, (str, Path)):
-        from ..data import load_dataset_tensors
-
-        data = load_dataset_tensors(data)
-    images, sigma_min, sigma_max, ids, labels = data
-    if not use_labels:
-        labels = None
-    elif labels is None or labels.dim() != 1 or bool((labels < 0).any()):
-        raise ValueError("use_labels=True needs an integer class label (>= 0) for every sample")
-    sigma_min = torch.as_tensor(sigma_min, dtype=torch.float64)
-    sigma_max = torch.zeros_like(sigma_min) if sigma_max is None else torch.as_tensor(sigma_max, dtype=torch.float64)
-    ids = torch.as_tensor(ids, dtype=torch.int64)
-    if mode == "clean":
-        keep = torch.nonzero(sigma_min == 0).flatten()
-        if keep.numel() == 0:
-            raise ValueError("mode='clean' needs samples with sigma_min = 0; the dataset has none")
-        images, sigma_min, sigma_max, ids = images[keep], sigma_min[keep], sigma_max[keep], ids[keep]
-        labels = labels[keep] if labels is not None else None
-    elif mode == "plain":
-        sigma_min, sigma_max = torch.zeros_like(sigma_min), torch.zeros_like(sigma_max)
-    return images.to(torch.float32), sigma_min, sigma_max, ids, labels
-
-
-def _endless(sampler: NoiseFirstBatchSampler) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's ``(indices int64, sigmas float64)`` batches, epoch after epoch.
-
-    The sampler's state (epoch, next batch) always describes the batches consumed so far,
-    so saving it after a step and loading it resumes with the next batch.
-    """
-    while True:
-        if sampler.state_dict()["next_batch"] >= len(sampler):
-            sampler.set_epoch(sampler.epoch + 1)
-        for pairs in sampler:
-            indices, sigmas = zip(*pairs, strict=True)
-            yield torch.tensor(indices, dtype=torch.int64), torch.tensor(sigmas, dtype=torch.float64)
 
 
 def detect_nature_noise(data: str | Path | Sequence[torch.Tensor]) -> str:
@@ -493,8 +505,6 @@ def _build_denoiser(network: str, kwargs: dict[str, Any], sigma_data: float) -> 
 
 def _load_init(net: EDMPrecond, path: str | Path) -> None:
     """Copy the weights of a saved denoiser (the previous loop's model) into ``net``."""
-    from ..restoration import load_denoiser
-
     source = load_denoiser(path)
     try:
         net.load_state_dict(source.state_dict())
@@ -502,105 +512,39 @@ def _load_init(net: EDMPrecond, path: str | Path) -> None:
         raise ValueError(f"init={path}: its network does not match this run's network ({err})") from None
 
 
-def _export_denoiser(ema: EDMPrecond, path: Path, network: str, kwargs: dict[str, Any], extra: dict[str, Any]) -> None:
-    from ..restoration import save_denoiser
-
-    save_denoiser(path, ema, name=network, network_kwargs=kwargs, sigma_data=ema.sigma_data, extra=extra)
-
-
 # ---------------------------------------------------------------------------------------
-# The training state: one safetensors file, tensors by name, everything else as JSON metadata.
-
-
-def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Move tensors and arrays of a nested state into ``tensors``; return the JSON skeleton."""
-    if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
-        return {"__tensor__": prefix}
-    if isinstance(obj, np.ndarray):
-        tensors[prefix] = torch.from_numpy(np.ascontiguousarray(obj))
-        return {"__ndarray__": prefix}
-    if isinstance(obj, dict):
-        pairs = [
-            [_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
-            for i, (k, v) in enumerate(obj.items())
-        ]
-        return {"__dict__": pairs}
-    if isinstance(obj, (list, tuple)):
-        items = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
-        return {"__tuple__": items} if isinstance(obj, tuple) else items
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    return obj
-
-
-def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__ndarray__" in obj:
-            return tensors[obj["__ndarray__"]].numpy()
-        if "__tuple__" in obj:
-            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
-        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
-    if isinstance(obj, list):
-        return [_unflatten(v, tensors) for v in obj]
-    return obj
+# The training state.
 
 
 def _save_state(path, config, step, images_done, net, ema, opt, scaler, sampler) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    state = {
-        "step": step,
-        "images": images_done,
-        "config": config,
-        "model": net.state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": opt.state_dict(),
-        "scaler": scaler.state_dict(),
-        "sampler": sampler.state_dict(),
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
+    """The whole state after ``step`` steps. The sampler's position is the one the loop
+    consumed (``step`` batches from the start: a streaming reader may have drawn further
+    ahead), so a resumed run continues with the next batch."""
+    per_epoch = len(sampler)
+    save_training_state(
+        path,
+        {
+            "step": step,
+            "images": images_done,
+            "config": config,
+            "model": net.state_dict(),
+            "ema": ema.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "sampler": {**sampler.state_dict(), "epoch": step // per_epoch, "next_batch": step % per_epoch},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
         },
-    }
-    skeleton = _flatten(state, "s", tensors)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={_META_KEY: json.dumps(skeleton)})
-    os.replace(tmp, path)
-
-
-def load_training_state(path: str | Path) -> dict[str, Any]:
-    """Read a ``training-state.safetensors`` back into its nested dict (CPU tensors).
-
-    Keys: ``step``, ``images``, ``config``, ``model``, ``ema``, ``optimizer``, ``scaler``,
-    ``sampler``, ``rng``.
-    """
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    if meta is None or _META_KEY not in meta:
-        raise ValueError(f"{path} is not an ambient_fast training state")
-    return _unflatten(json.loads(meta[_META_KEY]), load_file(str(path)))
-
-
-def _restore_state(path, config, net, ema, opt, scaler, sampler, dev) -> tuple[int, int]:
-    state = load_training_state(path)
-    saved = state["config"]
-    changed = sorted(
-        k
-        for k in set(saved) | set(config)
-        if k not in _RESUMABLE_CHANGES and _jsonable(saved.get(k)) != _jsonable(config.get(k))
     )
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
-        raise ValueError(
-            f"cannot resume {path}: options differ from the checkpoint ({diffs}); use a new run folder or resume=False"
-        )
+
+
+def _restore_state(path, config, net, ema, opt, scaler, sampler) -> tuple[int, int]:
+    state = load_training_state(path)
+    check_unchanged(state["config"], config, may_change=RESUMABLE_CHANGES, where=str(path))
     net.load_state_dict(state["model"])
     ema.load_state_dict(state["ema"])
     opt.load_state_dict(state["optimizer"])
@@ -613,10 +557,6 @@ def _restore_state(path, config, net, ema, opt, scaler, sampler, dev) -> tuple[i
     np.random.set_state(rng["numpy"])
     random.setstate(_to_tuples(rng["python"]))
     return int(state["step"]), int(state["images"])
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 def _to_tuples(value: Any) -> Any:

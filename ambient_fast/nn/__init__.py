@@ -24,11 +24,20 @@ from typing import Any
 
 from torch import nn
 
+from .checkpoint import (
+    DenoiserConfig,
+    load_denoiser,
+    load_training_state,
+    read_denoiser_config,
+    save_denoiser,
+    save_training_state,
+)
 from .embedding import LabelEmbedding, NoiseEmbedding
 from .mlp import MLP_PRESETS, MLPConfig, MLPDenoiser
 from .unet import UNET_PRESETS, UNet, UNetConfig, count_parameters
 
 __all__ = [
+    "DenoiserConfig",
     "LabelEmbedding",
     "MLPConfig",
     "MLPDenoiser",
@@ -40,6 +49,11 @@ __all__ = [
     "UNetConfig",
     "build_network",
     "count_parameters",
+    "load_denoiser",
+    "load_training_state",
+    "read_denoiser_config",
+    "save_denoiser",
+    "save_training_state",
 ]
 
 NETWORK_PRESETS: tuple[str, ...] = (*UNET_PRESETS, *MLP_PRESETS)

@@ -18,7 +18,7 @@ Public API:
   :class:`RestoreSource` (dataset IO over :func:`ambient_fast.data.open_dataset`), :class:`ArgumentsChanged`.
 """
 
-from .checkpoint import DenoiserConfig, load_denoiser, read_denoiser_config, save_denoiser
+from ..nn.checkpoint import DenoiserConfig, load_denoiser, read_denoiser_config, save_denoiser
 from .dataset import RestoreOptions, RestorePlan, RestoreReport, restore_dataset, staging_folder
 from .io import OutputCodec, RawSample, RestoreSource, SizeMismatch, open_source, parse_output_codec
 from .lock import DestinationLocked

@@ -30,8 +30,8 @@ from torch import nn
 
 from ..data import DatasetWriter
 from ..samplers.restore import RESTORE_SIGMA_FLOOR
-from .checkpoint import file_sha256, load_denoiser, module_fingerprint
-from .distributed import RankContext
+from ..nn.checkpoint import file_sha256, load_denoiser, module_fingerprint
+from ..runtime import RankContext
 from .io import DEFAULT_MAX_PIXELS, RestoreSource, open_source, parse_output_codec
 from .lock import DestinationLock
 from .pipeline import SLOTS, Shard, ShardExecutor, plan_shards, sample_digest, source_digest

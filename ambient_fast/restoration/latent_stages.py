@@ -41,7 +41,7 @@ from ..core.noise import derive_seeds
 from ..data import DatasetFormatError
 from ..latent import DiffusersDenoiser, GuidedDenoiser, LatentComponents, Tokens
 from ..latent.vae import to_uint8
-from .checkpoint import file_sha256, module_fingerprint
+from ..nn.checkpoint import file_sha256, module_fingerprint
 from .io import RestoreSource
 from .sampler import RestorationSampler, SamplerConfig
 from .stages import DeviceCodec, Stages, npy_bytes
@@ -323,7 +323,7 @@ def latent_restoration(
     settings = settings or LatentSettings()
     if not isinstance(components, LatentComponents):
         from ..latent import load_components
-        from .distributed import RankContext
+        from ..runtime import RankContext
 
         if device is None:
             rank = RankContext.current().local_rank

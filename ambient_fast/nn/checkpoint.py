@@ -1,6 +1,6 @@
-"""Denoiser checkpoints: one safetensors file, weights plus a JSON config in its metadata.
+"""Checkpoints as safetensors files: denoisers, and whole training states.
 
-Format (``format_version`` 1):
+Denoiser format (``format_version`` 1):
 
 - tensors: the ``state_dict`` of the raw network ``F`` (what ``EDMPrecond`` wraps; SPEC 1);
 - metadata key ``"ambient_fast"``: JSON
@@ -11,7 +11,11 @@ Format (``format_version`` 1):
 
 Loading never unpickles anything and never imports a module named by the file: the only
 code that runs is ``build_network`` with the stored name, which looks it up in the
-package's own registry. Writes are atomic (temporary file + rename).
+package's own registry. Writes are atomic (temporary file + rename), mode 0644 under umask 022.
+
+Training state (``training-state.safetensors``, :func:`save_training_state`): a nested dict
+(model, EMA, optimiser, step, RNG and sampler states, config) whose tensors and arrays are
+stored by name and whose skeleton is JSON in the metadata key ``"ambient_fast.training_state"``.
 """
 
 from __future__ import annotations
@@ -24,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..core.precond import EDMPrecond
 from ..core.schedules import SIGMA_DATA
+from ..runtime import atomic_write
 
 __all__ = [
     "DenoiserConfig",
@@ -37,6 +43,8 @@ __all__ = [
     "read_denoiser_config",
     "file_sha256",
     "module_fingerprint",
+    "save_training_state",
+    "load_training_state",
 ]
 
 METADATA_KEY = "ambient_fast"
@@ -90,10 +98,8 @@ class DenoiserConfig:
 
 
 def _build_network(config: DenoiserConfig) -> nn.Module:
-    try:
-        from ..nn import build_network
-    except ImportError as err:
-        raise RuntimeError(f"ambient_fast.nn.build_network is not available ({err})") from err
+    from . import build_network
+
     return build_network(config.network, **config.network_kwargs)
 
 
@@ -128,12 +134,7 @@ def save_denoiser(
     DenoiserConfig.from_json(config.to_json(), "save_denoiser")  # same checks as on load
     state = {k: v.detach().contiguous().cpu() for k, v in network.state_dict().items()}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(state, str(tmp), metadata={METADATA_KEY: config.to_json()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={METADATA_KEY: config.to_json()}))
     return path
 
 
@@ -142,6 +143,9 @@ def read_denoiser_config(path: str | os.PathLike[str]) -> DenoiserConfig:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        hint = f"; it holds {path / 'denoiser.safetensors'}" if (path / "denoiser.safetensors").is_file() else ""
+        raise FileNotFoundError(f"{path} is a folder, not a denoiser checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
@@ -209,3 +213,71 @@ def module_fingerprint(module: nn.Module) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Whole training states: tensors by name, everything else as JSON metadata.
+
+TRAINING_STATE_KEY = "ambient_fast.training_state"
+
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Move tensors and arrays of a nested state into ``tensors``; return the JSON skeleton."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, np.ndarray):
+        tensors[prefix] = torch.from_numpy(np.ascontiguousarray(obj))
+        return {"__ndarray__": prefix}
+    if isinstance(obj, dict):
+        pairs = [
+            [_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+            for i, (k, v) in enumerate(obj.items())
+        ]
+        return {"__dict__": pairs}
+    if isinstance(obj, (list, tuple)):
+        items = [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    return obj
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy()
+        if "__tuple__" in obj:
+            return tuple(_unflatten(v, tensors) for v in obj["__tuple__"])
+        return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def save_training_state(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Write a nested training state (dicts, lists, tuples, tensors, numpy arrays, JSON
+    scalars) as one safetensors file, atomically (tuples come back as tuples)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_flatten(state, "s", tensors))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={TRAINING_STATE_KEY: skeleton}))
+
+
+def load_training_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a file of :func:`save_training_state` back into its nested dict (CPU tensors).
+
+    Training runs (``ambient_fast.loops.train``) store ``step``, ``images``, ``config``,
+    ``model``, ``ema``, ``optimizer``, ``scaler``, ``sampler``, ``rng``.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    if meta is None or TRAINING_STATE_KEY not in meta:
+        raise ValueError(f"{path} is not an ambient_fast training state")
+    return _unflatten(json.loads(meta[TRAINING_STATE_KEY]), load_file(str(path)))

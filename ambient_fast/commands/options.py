@@ -1,4 +1,5 @@
-"""Validated command-line options shared by the ``train``, ``loop`` and ``demo`` commands.
+"""The shared argparse layer of the commands: one numeric-type factory, JSON, paths, the
+training options (``train``, ``loop``) and the dry-run printout.
 
 Every option is checked by its argparse ``type`` (so the error names the option, e.g.
 ``argument --lr: must be > 0, got -1``); cross-option rules are checked by
@@ -8,15 +9,17 @@ Every option is checked by its argparse ``type`` (so the error names the option,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .train import TRAIN_MODES, train_defaults
+from ..loops.train import TRAIN_MODES, train_defaults
 
 __all__ = [
+    "number",
     "positive_int",
     "nonnegative_int",
     "positive_float",
@@ -25,14 +28,39 @@ __all__ = [
     "float_in",
     "json_object",
     "existing_dir",
+    "byte_size",
+    "check_network",
     "add_train_arguments",
     "train_kwargs_from_args",
     "check_train_args",
     "dump_dry_run",
+    "output_state",
 ]
 
 
-def _number(kind: type, rule: str, ok: Callable[[float], bool]) -> Callable[[str], Any]:
+def number(
+    kind: type = float,
+    *,
+    above: float | None = None,
+    at_least: float | None = None,
+    at_most: float | None = None,
+    below: float | None = None,
+) -> Callable[[str], Any]:
+    """An argparse ``type``: an ``int`` or finite ``float`` within the given bounds.
+
+    ``number(int, above=0)`` accepts ``1, 2, ...``; ``number(float, at_least=0, at_most=1)``
+    the closed interval. The error names the rule: ``must be > 0, got -1``.
+    """
+
+    def show(bound: float) -> str:
+        return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e15 else f"{bound:g}"
+
+    if at_least is not None and at_most is not None and above is None and below is None:
+        rule = f"in [{show(at_least)}, {show(at_most)}]"
+    else:
+        bounds = (("> ", above), (">= ", at_least), ("<= ", at_most), ("< ", below))
+        rule = " and ".join(f"{op}{show(bound)}" for op, bound in bounds if bound is not None) or "a number"
+
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -40,28 +68,52 @@ def _number(kind: type, rule: str, ok: Callable[[float], bool]) -> Callable[[str
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
             ) from None
-        if isinstance(value, float) and math.isnan(value) or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        ok = math.isfinite(value) and all(
+            (
+                above is None or value > above,
+                at_least is None or value >= at_least,
+                at_most is None or value <= at_most,
+                below is None or value < below,
+            )
+        )
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {rule}{'' if kind is int else ' and finite'}, got {text}")
         return value
 
     parse.__name__ = f"{kind.__name__} {rule}"
     return parse
 
 
-positive_int = _number(int, "> 0", lambda v: v > 0)
-nonnegative_int = _number(int, ">= 0", lambda v: v >= 0)
-positive_float = _number(float, "> 0 and finite", lambda v: 0 < v < math.inf)
-nonnegative_float = _number(float, ">= 0 and finite", lambda v: 0 <= v < math.inf)
+positive_int = number(int, above=0)
+nonnegative_int = number(int, at_least=0)
+positive_float = number(float, above=0)
+nonnegative_float = number(float, at_least=0)
 
 
 def float_above(low: float) -> Callable[[str], float]:
     """A finite float ``> low``."""
-    return _number(float, f"> {low:g} and finite", lambda v: low < v < math.inf)
+    return number(float, above=low)
 
 
 def float_in(low: float, high: float) -> Callable[[str], float]:
     """A float in the closed interval ``[low, high]``."""
-    return _number(float, f"in [{low:g}, {high:g}]", lambda v: low <= v <= high)
+    return number(float, at_least=low, at_most=high)
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """A size in bytes: ``4096``, ``512M``, ``4G`` (binary units, optional trailing ``B``)."""
+    raw = text.strip().lower().removesuffix("b").removesuffix("i")
+    unit = raw[-1:] if raw[-1:] in _UNITS else ""
+    try:
+        value = float(raw[: len(raw) - len(unit)]) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 4096, 512M or 4G, got {text!r}") from None
+    if not (0 <= value < math.inf):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return int(value)
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -81,6 +133,29 @@ def existing_dir(text: str) -> Path:
     if not path.is_dir():
         raise argparse.ArgumentTypeError(f"no such folder: {text}")
     return path
+
+
+def check_network(parser: argparse.ArgumentParser, name: str, kwargs: dict[str, Any] | None) -> None:
+    """``parser.error`` naming ``--network`` (an unknown name lists the known ones) or
+    ``--network-kwargs`` (unknown keys list the accepted ones; bad values say why)."""
+    from ..nn import MLP_PRESETS, NETWORK_PRESETS, UNET_PRESETS, MLPConfig, UNetConfig
+
+    known = (*NETWORK_PRESETS, "mlp", "unet")
+    if name not in known:
+        parser.error(f"argument --network: unknown network {name!r}; known: {', '.join(known)}")
+    family = MLPConfig if name.startswith("mlp") else UNetConfig
+    fields = {f.name for f in dataclasses.fields(family)}
+    unknown = sorted(set(kwargs or {}) - fields)
+    if unknown:
+        parser.error(
+            f"argument --network-kwargs: unknown key(s) {', '.join(map(repr, unknown))} for {name!r}; "
+            f"accepted: {', '.join(sorted(fields))}"
+        )
+    base = {**MLP_PRESETS, **UNET_PRESETS}.get(name, family())
+    try:
+        dataclasses.replace(base, **(kwargs or {}))
+    except (TypeError, ValueError) as err:
+        parser.error(f"argument --network-kwargs: {err}")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
@@ -203,6 +278,28 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...
         metavar="STEPS",
         help="log every this many steps (default: %(default)s)",
     )
+    add(
+        "--cache",
+        choices=("auto", "on", "off"),
+        default=d["cache"],
+        help="hold the decoded dataset in memory (EDM's mode); auto = when it fits --cache-budget, else stream "
+        "(default: %(default)s)",
+    )
+    add(
+        "--cache-budget",
+        dest="cache_budget_bytes",
+        type=byte_size,
+        default=d["cache_budget_bytes"],
+        metavar="BYTES",
+        help="largest decoded dataset --cache auto keeps in memory, e.g. 512M, 4G (default: 4G)",
+    )
+    add(
+        "--stream",
+        choices=("auto", "dali", "torch"),
+        default=d["stream"],
+        help="reader when not cached: DALI (GPU decode on CUDA) or the torch DataLoader; auto = DALI if "
+        "installed (default: %(default)s)",
+    )
     add("--seed", type=nonnegative_int, default=d["seed"], help="seed (default: %(default)s)")
     add("--device", default=d["device"], help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
 
@@ -236,3 +333,16 @@ def dump_dry_run(what: str, config: dict[str, Any]) -> None:
     print(f"dry run: would {what} with")
     print(json.dumps(config, indent=2, default=str))
     print("dry run: nothing was written")
+
+
+def output_state(path: Path) -> str:
+    """``"new"`` (missing or empty), ``"unfinished"`` (a dataset version whose writing was
+    interrupted: a rerun with the same arguments continues it) or ``"taken"``."""
+    from ..data.dataset import MANIFEST_NAME
+    from ..data.writer import STAGING
+
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return "new"
+    if path.is_dir() and (path / STAGING).is_dir() and not (path / MANIFEST_NAME).exists():
+        return "unfinished"
+    return "taken"
