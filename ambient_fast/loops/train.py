@@ -52,6 +52,7 @@ from ..core.loss import ambient_loss
 from ..core.noise import derive_seeds, noisy_pair
 from ..core.precond import EDMPrecond
 from ..core.schedules import EDM_P_MEAN, EDM_P_STD, SIGMA_DATA
+from ..data.nature_noise import detect_nature_noise
 from ..data.sampler import NoiseFirstBatchSampler
 from .runs import append_jsonl, init_distributed, read_jsonl, write_json
 
@@ -450,23 +451,6 @@ def _endless(sampler: NoiseFirstBatchSampler) -> Iterator[tuple[torch.Tensor, to
         for pairs in sampler:
             indices, sigmas = zip(*pairs, strict=True)
             yield torch.tensor(indices, dtype=torch.int64), torch.tensor(sigmas, dtype=torch.float64)
-
-
-def detect_nature_noise(data: str | Path | Sequence[torch.Tensor]) -> str:
-    """``"stored"`` when the dataset's manifest says its corrupt samples *are* Gaussian noise
-    at their sigma_min (an unclipped ``noise`` corruption, or a restoration stopped at
-    ``sigma_out > 0``), else ``"fixed"`` (noise at sigma_min is added during training)."""
-    if not isinstance(data, (str, Path)):
-        return "fixed"
-    from ..data import open_dataset
-
-    manifest = open_dataset(data).manifest or {}
-    corruption = manifest.get("corruption") or {}
-    if corruption.get("kind") == "noise" and not corruption.get("clipped", True):
-        return "stored"
-    if "restoration" in manifest and float((manifest.get("params") or {}).get("sigma_out", 0.0)) > 0:
-        return "stored"
-    return "fixed"
 
 
 def network_kwargs_for(network: str, sample_shape: tuple[int, ...], **overrides: Any) -> dict[str, Any]:
