@@ -121,6 +121,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help="trust rate: restored samples are annotated sigma_min / R (anchors: 8; default: %(default)s)",
     )
+    # The old name of --rho-ambient, kept only to refuse it (argparse would otherwise take
+    # "--rho" as an abbreviation of --rho-ambient; --rho is the grid's curvature in restore).
+    g.add_argument("--rho", type=str, default=None, help=argparse.SUPPRESS)
     g.add_argument(
         "--restore-steps",
         type=positive_int,
@@ -171,6 +174,11 @@ def loop_kwargs_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     parser = args._parser
+    if args.rho is not None:
+        parser.error(
+            "argument --rho: renamed --rho-ambient (the trust rate: restored samples get sigma_min / R); "
+            "--rho is the sampling grid's curvature in restore"
+        )
     check_train_args(parser, args)
     if args.seed < 0:
         parser.error(f"argument --seed: must be >= 0, got {args.seed}")

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEMO_PRESETS", "DemoResult", "LoopVariant", "format_table", "run_demo"]
+__all__ = ["DEMO_MINUTES", "DEMO_PRESETS", "DemoResult", "LoopVariant", "format_table", "run_demo"]
 
 BASELINES = ("clean", "plain", "contraction")
 MODE_LABELS = {
