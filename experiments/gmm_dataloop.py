@@ -68,7 +68,7 @@ class Mixture:
         rng = np.random.default_rng(seed)
         weights = torch.tensor([0.4, 0.25, 0.15, 0.12, 0.08], dtype=torch.float64)
         means = torch.from_numpy(rng.uniform(-0.6, 0.6, (5, DIM)))
-        stds = torch.tensor([0.06, 0.08, 0.1, 0.12, 0.15], dtype=torch.float64)
+        stds = torch.tensor([0.12, 0.15, 0.18, 0.2, 0.25], dtype=torch.float64)
         return Mixture(weights, means, stds)
 
     def draw(self, n: int, seed: int) -> torch.Tensor:

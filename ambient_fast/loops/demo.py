@@ -576,9 +576,18 @@ def _report(path: Path, result: DemoResult, datasets: dict[str, str], clean_data
     from .report import image_grid
 
     corruptions = list(result.table)
-    fig, axes = plt.subplots(2, len(corruptions), figsize=(8 * len(corruptions), 10), squeeze=False)
+    fig, axes = plt.subplots(
+        3, len(corruptions), figsize=(8 * len(corruptions), 14), squeeze=False, height_ratios=(3, 1.4, 2.6)
+    )
     for j, c in enumerate(corruptions):
         entry = result.table[c]
+        ax = axes[1, j]
+        for i, (name, rows) in enumerate(entry["loops"].items()):
+            ax.plot([r["loop"] for r in rows], [100 * r["memorisation"] for r in rows], "o-", color=f"C{i}", label=name)
+        ax.set_xticks(range(1, settings["loops"] + 1))
+        ax.set_xlabel("loop")
+        ax.set_ylabel("copies of the 54 clean images (%)")
+        ax.legend(fontsize=7)
         ax = axes[0, j]
         for i, (name, rows) in enumerate(entry["loops"].items()):
             xs = [r["loop"] for r in rows]
@@ -622,8 +631,8 @@ def _report(path: Path, result: DemoResult, datasets: dict[str, str], clean_data
         models += [r for r in steps if r["loop"] == settings["loops"]]
         for run in [r for r in models if r["seed"] == seed0]:
             grid_rows.append(generate(load_denoiser(run["denoiser"]), 12, tuple(data.images.shape[1:]), seed=7))
-            labels.append(f"{'ambient' if run['kind'] == 'train' else run['mode']} samples")
-        ax = axes[1, j]
+            labels.append("ambient samples" if run["kind"] == "train" else f"{run['row'].split(' (')[0]} samples")
+        ax = axes[2, j]
         ax.imshow(image_grid(grid_rows).numpy(), interpolation="nearest")
         h = data.images.shape[-2] + 1
         ax.set_yticks([1 + h * i + h / 2 for i in range(len(labels))])
