@@ -15,7 +15,7 @@ run's folder (training log, checkpoints, denoiser, restored data versions).
 presets:
   default  noise, 2 seeds, mlp-base, 5 loops (20 training runs of 1500 steps): {minutes} on 2 idle cores
   quick    1 seed, tiny budget, 2 loops: a smoke test (under a minute); the numbers mean nothing
-  study    noise and blur, baselines plain / contraction, chains rho 8 / 4 / 2 and scratch: 94 runs, about 5x the default
+  study    noise and blur, baselines plain / contraction, chains rho 8 / 4 / 2 and scratch (94 runs, ~5x)
 
 examples:
   ambient-fast demo
