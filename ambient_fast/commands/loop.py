@@ -7,17 +7,24 @@ auto-numbered run folder:
     config.json  state.json  metrics.json  report.png
     loop-1/train/{config.json,log.jsonl,training-state.safetensors,denoiser.safetensors}
     loop-1/metrics.json
-    loop-1/data/            data_1: the original data restored by model_1 (sigma_min / rho)
+    loop-1/data/            data_1: the original data restored by model_1 (sigma_min / rho_ambient)
     loop-2/...
 
-The run stops early when the metric has not improved for --patience loops and marks the
-best loop in metrics.json. A killed run continues with --resume RUN_DIR from the last
-finished stage (training from its last checkpoint, restoration from the last sample).
+The metric is computed against the clean versions of the corrupted samples where --ref
+holds them (same keys as in --data: the demo's rule), else against all of --ref; the output
+says which. Each restored version is scored the same way (FD and MSE to the clean versions).
+The run stops early when the metric has not improved for --patience loops (default 2: a
+one-loop dip is tolerated), and metrics.json marks the best loop and, when it stopped, where
+the "madness regime" started. --train-on original is the same-compute control: every loop
+trains on the original data, nothing is restored. A killed run continues with --resume
+RUN_DIR from the last finished stage (training from its last checkpoint, restoration from
+the last sample).
 
 examples:
   ambient-fast loop --data data/digits-noise --ref data/digits-noise-clean --loops 3
   ambient-fast loop --data data/cifar-blur --ref data/cifar-clean --metric fid \\
-      --network unet-cifar10 --total-images 20000000 --init scratch --rho 8
+      --network unet-cifar10 --total-images 20000000 --init scratch --rho-ambient 8
+  ambient-fast loop --data data/digits-noise --ref data/digits-clean --init previous --train-on original
   ambient-fast loop --resume runs/00003-loop-digits-noise
   ambient-fast loop --data data/digits-noise --ref data/digits-clean --dry-run
 """
@@ -74,8 +81,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--patience",
         type=positive_int,
-        default=1,
-        help="stop after this many loops without improvement (default: %(default)s)",
+        default=2,
+        help="stop after this many loops without improvement; 2 tolerates a one-loop dip (default: %(default)s)",
+    )
+    g.add_argument(
+        "--train-on",
+        choices=("restored", "original"),
+        default="restored",
+        help="loop k trains on data_(k-1) (the dataloop), or on the original data with nothing restored "
+        "(the same-compute control) (default: %(default)s)",
     )
     g.add_argument(
         "--metric",
@@ -97,15 +111,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--reannotate",
         choices=("restore", "classifier"),
         default="restore",
-        help="new sigma_min: the restoration's sigma_min/rho, or the classifier (default: %(default)s)",
+        help="new sigma_min: the restoration's sigma_min/rho-ambient, or the classifier (default: %(default)s)",
     )
     g = parser.add_argument_group("restoration")
     g.add_argument(
-        "--rho",
+        "--rho-ambient",
         type=float_above(1.0),
         default=8.0,
-        help="restored samples get sigma_min / rho (anchors: 8; default: %(default)s)",
+        metavar="R",
+        help="trust rate: restored samples are annotated sigma_min / R (anchors: 8; default: %(default)s)",
     )
+    # The old name of --rho-ambient, kept only to refuse it (argparse would otherwise take
+    # "--rho" as an abbreviation of --rho-ambient; --rho is the grid's curvature in restore).
+    g.add_argument("--rho", type=str, default=None, help=argparse.SUPPRESS)
     g.add_argument(
         "--restore-steps",
         type=positive_int,
@@ -135,7 +153,11 @@ def loop_kwargs_from_args(args: argparse.Namespace) -> dict:
         "init": args.init,
         "start_model": str(args.start_model) if args.start_model is not None else None,
         "train_kwargs": train_kwargs,
-        "restore_kwargs": {"rho_ambient": args.rho, "num_steps": args.restore_steps, "method": args.restore_method},
+        "restore_kwargs": {
+            "rho_ambient": args.rho_ambient,
+            "num_steps": args.restore_steps,
+            "method": args.restore_method,
+        },
         "reannotate": args.reannotate,
         "reference": str(args.ref) if args.ref is not None else None,
         "metric": args.metric,
@@ -143,6 +165,7 @@ def loop_kwargs_from_args(args: argparse.Namespace) -> dict:
         "eval_steps": args.eval_steps,
         "memorisation": not args.no_memorisation,
         "patience": args.patience,
+        "train_on": args.train_on,
         "seed": args.seed,
         "device": args.device,
         "report": not args.no_report,
@@ -151,6 +174,11 @@ def loop_kwargs_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     parser = args._parser
+    if args.rho is not None:
+        parser.error(
+            "argument --rho: renamed --rho-ambient (the trust rate: restored samples get sigma_min / R); "
+            "--rho is the sampling grid's curvature in restore"
+        )
     check_train_args(parser, args)
     if args.seed < 0:
         parser.error(f"argument --seed: must be >= 0, got {args.seed}")
@@ -193,10 +221,20 @@ def run(args: argparse.Namespace) -> int:
         ok = True
     finally:
         shutdown(ctx, ok=ok)
+    if result.reference is not None:
+        print0(f"{kwargs['metric']} against {result.reference}")
     for r in result.loops:
         value = f"{r['value']:.3f}" if r.get("value") is not None else "-"
-        print0(f"loop {r['loop']}: {kwargs['metric']} {value}" + (" (best)" if r["loop"] == result.best_loop else ""))
+        line = f"loop {r['loop']}: {kwargs['metric']} {value}"
+        if r.get("memorisation") is not None:
+            line += f", copies {100 * r['memorisation']:.1f}%"
+        if r.get("data_value") is not None:
+            line += f"; restored data: {kwargs['metric']} {r['data_value']:.3f}, MSE {r['data_mse']:.4f}"
+        print0(line + (" (best)" if r["loop"] == result.best_loop else ""))
     if result.stopped_early:
-        print0(f"stopped early: no improvement for {kwargs['patience']} loop(s)")
+        print0(
+            f"stopped early: no improvement for {kwargs['patience']} loop(s); "
+            f"the madness regime starts at loop {result.madness_from}"
+        )
     print0(f"run folder: {result.run_dir}")
     return 0

@@ -188,8 +188,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--start-noise",
         choices=START_NOISE,
-        default="fresh",
-        help="fresh (anchor), training (the frozen training noise), none (data stored noisy) (default: %(default)s)",
+        default=None,
+        help="fresh (anchor), training (the frozen training noise), none (data stored noisy) "
+        "(default: from --src's manifest: none where it says the data is stored noisy, else fresh)",
     )
     s.add_argument(
         "--training-noise-seed",
@@ -321,6 +322,17 @@ def run(args: argparse.Namespace) -> int:
         parser.error("one of the arguments --model or --diffusers is required")
     path_defaults(args)
     _check(parser, args)
+    from ..data.errors import DatasetError
+    from ..data.nature_noise import resolve_start_noise
+
+    try:
+        args.start_noise, warning = resolve_start_noise(args.src, args.start_noise)
+    except DatasetError as err:
+        parser.error(f"argument --src: {err}")
+    except ValueError as err:
+        parser.error(f"argument --start-noise: {err}")
+    if warning:
+        print(f"ambient-fast restore: warning: {warning}", file=sys.stderr)
     from ..restoration import DestinationLocked, read_denoiser_config
     from ..runtime import init_runtime, shutdown
 

@@ -24,13 +24,16 @@ Evaluation (:mod:`.evaluate`)
 
 The loop [6] (:mod:`.dataloop`)
     ``run_dataloop(data, run_dir, *, loops, init="scratch"|"previous", start_model,
-    train_kwargs, restore_kwargs, reannotate="restore"|"classifier", reference, metric,
-    patience, resume) -> LoopResult``: train -> evaluate -> restore -> re-annotate per loop,
-    early stop, best loop, ``metrics.json`` and ``report.png``; resumable by stage.
+    train_on="restored"|"original", train_kwargs, restore_kwargs,
+    reannotate="restore"|"classifier", reference, metric, patience=2, resume) -> LoopResult``:
+    train -> evaluate -> restore -> re-annotate per loop (``train_on="original"``: the
+    same-compute control), the restored data's FD/MSE to the clean versions, early stop with
+    ``madness_from``, best loop, ``metrics.json`` and ``report.png``; resumable by stage.
+    ``stop_rule``, ``madness_start``; ``evaluate.clean_reference`` (the metric's reference).
 
 The demo (:mod:`.demo`)
     ``run_demo(run_dir, *, preset="default"|"quick"|"study", ...) -> DemoResult``,
-    ``DEMO_PRESETS``, ``LoopVariant``, ``format_table``.
+    ``DEMO_PRESETS``, ``DEMO_MINUTES``, ``LoopVariant``, ``format_table``.
 
 Run folders, ranks, JSON records and the resume guard live in :mod:`ambient_fast.runtime`;
 reports (:mod:`.report`): ``plot_report``.

@@ -8,7 +8,16 @@
         metric_k = evaluate(model_k)                                    -> loop-k/metrics.json
         stop when the metric has not improved for `patience` loops (the "madness regime")
         data_k   = restore(model_k, data_0)  (new sigma_min = sigma_min / rho)  -> loop-k/data/
+        data_metric_k = data_k's corrupt samples vs their clean versions (FD and MSE)
         optionally re-annotate data_k with the noisy-input classifier
+
+``train_on="original"`` is the same-compute control: every loop fine-tunes (or retrains) on
+data_0 with the same budget and nothing is restored, so a gain of the loop over it is the
+restoration's, not the extra training's.
+
+The metric's reference is :func:`~ambient_fast.loops.evaluate.clean_reference`: the clean
+versions of the corrupted samples where the reference dataset has them (same keys), else the
+whole reference; ``metrics.json`` names which.
 
 Every stage's output lives in the run folder, side by side; ``state.json`` records which
 stages finished, so a killed run continues (``resume=True``) from the last finished stage.
@@ -27,7 +36,7 @@ import torch
 
 from ..runtime import check_unchanged, init_runtime, print0, read_json, read_jsonl, write_json
 
-__all__ = ["LoopResult", "run_dataloop"]
+__all__ = ["LoopResult", "madness_start", "run_dataloop", "stop_rule"]
 
 STATE_FILE = "state.json"
 
@@ -40,6 +49,8 @@ class LoopResult:
     loops: list[dict[str, Any]]  # per finished loop: loop, value, memorisation, paths, timings
     best_loop: int | None  # loop with the best metric (None when not evaluated)
     stopped_early: bool  # stopped because the metric worsened for `patience` loops
+    madness_from: int | None  # first loop of the worsening run that stopped it (None: no stop)
+    reference: str | None  # what the metric was computed against
     metrics_path: Path  # run-level metrics.json
     report_path: Path | None  # report.png
 
@@ -51,6 +62,7 @@ def run_dataloop(
     loops: int = 2,  # number of train -> restore rounds
     init: Literal["scratch", "previous"] = "scratch",  # loop k starts from scratch (anchors) or loop k-1's EMA
     start_model: str | Path | None = None,  # use this denoiser as model_1 instead of training it
+    train_on: Literal["restored", "original"] = "restored",  # "original": the same-compute control (no restoration)
     train_kwargs: dict[str, Any] | None = None,  # ambient_fast.loops.train options
     restore_kwargs: dict[str, Any] | None = None,  # ambient_fast.restoration.restore_dataset options
     reannotate: Literal[
@@ -62,7 +74,7 @@ def run_dataloop(
     eval_samples: int = 2000,  # generated samples per evaluation
     eval_steps: int = 18,  # sampler grid points (Heun, NFE 2*steps-1)
     memorisation: bool = True,  # also report the share of samples copying a clean training image
-    patience: int = 1,  # stop after this many loops without improvement
+    patience: int | None = 2,  # stop after this many loops without improvement (None: never stop)
     seed: int = 0,  # training / evaluation / restoration seed
     device: str = "auto",  # "auto", "cpu", "cuda", ...
     resume: bool = False,  # continue a killed run in run_dir
@@ -70,16 +82,18 @@ def run_dataloop(
     report: bool = True,  # write report.png
     progress: bool = True,  # progress bars
 ) -> LoopResult:
-    """Run SPEC 6 on ``data`` into ``run_dir`` (see module docstring)."""
+    """Run SPEC 6 on ``data`` into ``run_dir`` (see module docstring).
+
+    Per loop, ``metrics.json`` and :attr:`LoopResult.loops` hold ``value`` (the model's
+    metric), ``memorisation`` (share of samples copying a clean training image) and, when the
+    reference holds the clean versions of the corrupted samples, ``data_value`` / ``data_mse``:
+    the restored data's Frechet distance and mean squared error to them.
+    """
+    config = dict(locals())
     from ..data import load_dataset_tensors
-    from .evaluate import evaluate_denoiser
+    from .evaluate import clean_reference, data_scores, evaluate_denoiser
     from .train import train
 
-    config = {
-        k: v
-        for k, v in locals().items()
-        if k not in ("load_dataset_tensors", "evaluate_denoiser", "train")
-    }
     config["data"], config["run_dir"] = str(data), str(run_dir)
     config["reference"] = None if reference is None else str(reference)
     config["start_model"] = None if start_model is None else str(start_model)
@@ -88,20 +102,16 @@ def run_dataloop(
     run_dir, data = Path(run_dir), Path(data)
     state = _open_state(run_dir, config, resume, dist.is_main)
     original = load_dataset_tensors(data)
-    ref = load_dataset_tensors(reference) if reference is not None else None
-    ref_images = ref[0] if ref is not None else None
-    # The reference holds the clean versions of the data's samples when their ids agree (the demo).
-    aligned = (
-        ref is not None
-        and len(ref[3]) == len(original[3])
-        and bool((torch.as_tensor(ref[3]) == torch.as_tensor(original[3])).all())
-    )
-    clean_train = original[0][original[1] == 0] if memorisation else None
+    ref = clean_reference(data, reference, data_tensors=original) if reference is not None else None
+    clean_train = original.images[original.sigma_min == 0] if memorisation else None
+    restore_each_loop = train_on == "restored"
 
     say = print0 if progress else (lambda *_: None)
+    if ref is not None:
+        say(f"[loop] {metric} against {ref.description}")
     history: list[dict[str, Any]] = list(state["loops"])
     current: dict[str, Any] | None = state.get("current")
-    train_data = data if not history else Path(history[-1].get("data", data))
+    train_data = data if not history or not restore_each_loop else Path(history[-1].get("data", data))
     stopped = state["stopped_early"]
 
     def finish(record: dict[str, Any], stage: str) -> None:
@@ -148,12 +158,12 @@ def run_dataloop(
             finish(record, "train")
 
         # Evaluate.
-        if ref_images is not None and "evaluate" not in record["stages"]:
+        if ref is not None and "evaluate" not in record["stages"]:
             t1 = time.perf_counter()
             if dist.is_main:
                 scores = evaluate_denoiser(
                     record["denoiser"],
-                    ref_images,
+                    ref.images,
                     metric=metric,
                     num_samples=eval_samples,
                     steps=eval_steps,
@@ -166,20 +176,30 @@ def run_dataloop(
                     memorisation=scores.get("memorisation"),
                     eval_seconds=time.perf_counter() - t1,
                 )
-                write_json(loop_dir / "metrics.json", {**record, "metric": metric})
+                write_json(loop_dir / "metrics.json", {**record, "metric": metric, "reference": ref.description})
                 say(f"[loop {k}/{loops}] {metric} = {scores['value']:.3f}")
             record = dist.broadcast(record)
             finish(record, "evaluate")
-        stopped = _worse_for(history + [record], patience)
+        stopped = stop_rule([r.get("value") for r in history + [record]], patience)
 
-        # Restore the original data with model_k (skipped once the run stops).
-        restore_now = not stopped and (k < loops or restore_last)
+        # Restore the original data with model_k (skipped once the run stops, and in the control).
+        restore_now = restore_each_loop and not stopped and (k < loops or restore_last)
         if restore_now and "restore" not in record["stages"]:
             t2 = time.perf_counter()
             restored = loop_dir / ("restored" if reannotate == "classifier" else "data")
             say(f"[loop {k}/{loops}] restore {data} -> {restored}")
             _restore(Path(record["denoiser"]), data, restored, restore_kwargs or {}, seed, dist.device, progress)
             record.update(data=str(restored), restore_seconds=time.perf_counter() - t2)
+            if ref is not None and ref.clean_versions is not None and dist.is_main:
+                scores = data_scores(
+                    load_dataset_tensors(restored).images[ref.corrupt],
+                    ref.clean_versions,
+                    metric=metric,
+                    device=dist.device,
+                )
+                record.update(data_value=scores["fd"], data_mse=scores["mse"])
+                say(f"[loop {k}/{loops}] restored data: {metric} = {scores['fd']:.3f}, MSE = {scores['mse']:.4f}")
+            record = dist.broadcast(record)
             finish(record, "restore")
         if restore_now and reannotate == "classifier" and "annotate" not in record["stages"]:
             from .annotate import annotate_classifier
@@ -203,21 +223,26 @@ def run_dataloop(
             write_json(run_dir / STATE_FILE, {"loops": history, "current": None, "stopped_early": stopped})
 
     best = _best_loop(history)
+    madness = madness_start([r.get("value") for r in history], patience) if stopped else None
     metrics_path = run_dir / "metrics.json"
     report_path = run_dir / "report.png" if report else None
+    reference_text = ref.description if ref is not None else None
     if dist.is_main:
         write_json(
             metrics_path,
             {
-                "metric": metric if ref_images is not None else None,
+                "metric": metric if ref is not None else None,
+                "reference": reference_text,
+                "train_on": train_on,
                 "loops": history,
                 "best_loop": best,
                 "stopped_early": stopped,
+                "madness_from": madness,
             },
         )
         if report_path is not None:
-            _write_report(report_path, run_dir, history, original, ref_images if aligned else None, metric, best)
-    return LoopResult(run_dir, history, best, stopped, metrics_path, report_path)
+            _write_report(report_path, run_dir, history, original, ref, metric, best)
+    return LoopResult(run_dir, history, best, stopped, madness, reference_text, metrics_path, report_path)
 
 
 def _check_options(config: dict[str, Any]) -> None:
@@ -228,7 +253,8 @@ def _check_options(config: dict[str, Any]) -> None:
         ("metric", config["metric"] in ("fd_digits", "fid"), "'fd_digits' or 'fid'"),
         ("eval_samples", config["eval_samples"] >= 2, ">= 2"),
         ("eval_steps", config["eval_steps"] >= 1, ">= 1"),
-        ("patience", config["patience"] >= 1, ">= 1"),
+        ("patience", config["patience"] is None or config["patience"] >= 1, ">= 1 or None"),
+        ("train_on", config["train_on"] in ("restored", "original"), "'restored' or 'original'"),
     ]
     for name, ok, rule in checks:
         if not ok:
@@ -259,13 +285,27 @@ def _open_state(run_dir: Path, config: dict[str, Any], resume: bool, is_main: bo
     return {"loops": [], "current": None, "stopped_early": False}
 
 
-def _worse_for(history: list[dict[str, Any]], patience: int) -> bool:
-    """True when the last ``patience`` loops all failed to beat the best before them."""
-    values = [r.get("value") for r in history]
-    if len(values) <= patience or any(v is None for v in values):
+def stop_rule(values: list[float | None], patience: int | None) -> bool:
+    """True when the last ``patience`` loops all failed to beat the best loop before them.
+
+    ``values``: the metric per loop so far (lower is better; None: not evaluated, never
+    stops). The default ``patience = 2`` tolerates a one-loop dip: a loop that is worse
+    than the best so far does not stop the run if the next one improves again.
+    """
+    if patience is None or len(values) <= patience or any(v is None for v in values):
         return False
     best_before = min(values[:-patience])
     return all(v >= best_before for v in values[-patience:])
+
+
+def madness_start(values: list[float], patience: int | None) -> int | None:
+    """The 1-based loop where the "madness regime" starts when :func:`stop_rule` fires:
+    the first loop after the best one of those before the last ``patience`` loops
+    (from there on no loop beat it); None when the rule does not fire."""
+    if not stop_rule(values, patience):
+        return None
+    head = values[: len(values) - patience]
+    return head.index(min(head)) + 2
 
 
 def _best_loop(history: list[dict[str, Any]]) -> int | None:
@@ -276,32 +316,33 @@ def _best_loop(history: list[dict[str, Any]]) -> int | None:
 def _restore(
     denoiser_path: Path, src: Path, dst: Path, kwargs: dict[str, Any], seed: int, device: torch.device, progress: bool
 ) -> None:
+    from ..data.nature_noise import resolve_start_noise
     from ..restoration import load_denoiser, restore_dataset
-    from .train import detect_nature_noise
 
-    # Data stored noisy at its sigma_min is already the start state (the anchors' npy case).
-    start_noise = "none" if detect_nature_noise(src) == "stored" else "fresh"
+    # Data stored noisy at its sigma_min is already the start state (the anchors' npy case);
+    # an explicit start_noise in restore_kwargs is checked against the manifest.
+    options = dict(kwargs)
+    options["start_noise"], _ = resolve_start_noise(src, options.get("start_noise"))
     denoiser = load_denoiser(denoiser_path, device=device)
-    restore_dataset(denoiser, src, dst, **{"seed": seed, "start_noise": start_noise, **kwargs}, progress=progress)
+    restore_dataset(denoiser, src, dst, **{"seed": seed, **options}, progress=progress)
 
 
 def _write_report(
-    path: Path, run_dir: Path, history: list[dict[str, Any]], original, clean_versions, metric: str, best: int | None
+    path: Path, run_dir: Path, history: list[dict[str, Any]], original, ref, metric: str, best: int | None
 ) -> None:
     from ..data import load_dataset_tensors
     from .report import plot_report
 
-    images, sigma_min = original[0], original[1]
-    corrupt = torch.nonzero(sigma_min > 0).flatten()[:12]
-    rows: dict[str, torch.Tensor] = {"corrupt": images[corrupt]}
+    corrupt = torch.nonzero(original.sigma_min > 0).flatten()[:12]
+    rows: dict[str, torch.Tensor] = {"corrupt": original.images[corrupt]}
     after: dict[str, torch.Tensor] = {}
     for r in history:
         if "data" in r:
             restored = load_dataset_tensors(r["data"])
-            after[f"loop {r['loop']}"] = restored[1]
-            rows[f"restored (loop {r['loop']})"] = restored[0][corrupt]
-    if clean_versions is not None:
-        rows["clean"] = clean_versions[corrupt]
+            after[f"loop {r['loop']}"] = restored.sigma_min
+            rows[f"restored (loop {r['loop']})"] = restored.images[corrupt]
+    if ref is not None and ref.clean_versions is not None:
+        rows["clean"] = ref.clean_versions[: len(corrupt)]
     curves = {
         f"loop {r['loop']}": [(x["images"], x["loss"]) for x in read_jsonl(Path(r["denoiser"]).parent / "log.jsonl")]
         for r in history
@@ -312,7 +353,7 @@ def _write_report(
         metric_name=metric,
         loops=history,
         loss_curves=curves,
-        sigma_min_before=sigma_min,
+        sigma_min_before=original.sigma_min,
         sigma_min_after=after,
         grid_rows=rows,
         best_loop=best,

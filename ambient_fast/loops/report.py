@@ -1,5 +1,6 @@
-"""``report.png`` of a loop run: metric per loop, loss curves, sigma_min before/after
-restoration, and a grid of corrupt / restored / clean samples (matplotlib, Agg backend)."""
+"""``report.png`` of a loop run: the model's metric per loop (and the restored data's, when
+scored against clean versions), loss curves, sigma_min before/after restoration, and a grid
+of corrupt / restored / clean samples (matplotlib, Agg backend)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def plot_report(
         path: output PNG.
         metric_name: y label of the metric panel.
         loops: one dict per loop with ``"loop"`` and ``"value"`` (and optionally
-            ``"memorisation"``).
+            ``"memorisation"``, and ``"data_value"``: the restored data's metric).
         loss_curves: ``{label: [(images, loss), ...]}``.
         sigma_min_before: ``(N,)`` annotation of the original data.
         sigma_min_after: ``{label: (N,)}`` annotations of the restored versions.
@@ -65,9 +66,13 @@ def plot_report(
     ax = axes[0, 0]
     xs = [r["loop"] for r in loops if r.get("value") is not None]
     ys = [r["value"] for r in loops if r.get("value") is not None]
-    ax.plot(xs, ys, "o-", color="C0")
+    ax.plot(xs, ys, "o-", color="C0", label="model")
+    restored = [(r["loop"], r["data_value"]) for r in loops if r.get("data_value") is not None]
+    if restored:
+        ax.plot(*zip(*restored, strict=True), "s--", color="C1", label="restored data")
     if best_loop is not None and best_loop in xs:
         ax.plot([best_loop], [ys[xs.index(best_loop)]], "*", ms=16, color="C3", label=f"best: loop {best_loop}")
+    if xs:
         ax.legend()
     ax.set_xlabel("loop")
     ax.set_ylabel(metric_name)

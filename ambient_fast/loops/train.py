@@ -51,6 +51,7 @@ from ..loss import AmbientLoss
 from ..core.precond import EDMPrecond
 from ..core.schedules import EDM_P_MEAN, EDM_P_STD, SIGMA_DATA
 from ..data.batch import Batch, LookupTables
+from ..data.nature_noise import detect_nature_noise
 from ..data.sampler import NoiseFirstBatchSampler
 from ..data.stream import (
     CACHE_BUDGET_BYTES,
@@ -464,21 +465,6 @@ def _check_options(config: dict[str, Any]) -> None:
             raise ValueError(f"{name} must be {rule}, got {config[name]!r}")
 
 
-def detect_nature_noise(data: str | Path | Sequence[torch.Tensor]) -> str:
-    """``"stored"`` when the dataset's manifest says its corrupt samples *are* Gaussian noise
-    at their sigma_min (an unclipped ``noise`` corruption, or a restoration stopped at
-    ``sigma_out > 0``), else ``"fixed"`` (noise at sigma_min is added during training)."""
-    if not isinstance(data, (str, Path)):
-        return "fixed"
-    from ..data import open_dataset
-
-    manifest = open_dataset(data).manifest or {}
-    corruption = manifest.get("corruption") or {}
-    if corruption.get("kind") == "noise" and not corruption.get("clipped", True):
-        return "stored"
-    if "restoration" in manifest and float((manifest.get("params") or {}).get("sigma_out", 0.0)) > 0:
-        return "stored"
-    return "fixed"
 
 
 def network_kwargs_for(network: str, sample_shape: tuple[int, ...], **overrides: Any) -> dict[str, Any]:
