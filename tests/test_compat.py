@@ -804,12 +804,12 @@ def test_read_all_annotation_forms(tmp_path):
         "00000/img00000001.png": (0.0, 0.0),
         "00000/img00000002.png": (1.6, 0.0),
         "00000/img00000003.png": (0.15, 0.0),
-        "00000/img00000004.png": (levels[20 + j], 0.0),
+        "00000/img00000004.png": (float(np.float32(levels[20 + j])), 0.0),  # sigmas.txt is read as float32
         "00000/img00000005.png": (300.0, 0.15),
     }
     names = [f"00000/img{i:08d}.png" for i in range(7)]
     sigma_min, sigma_max = annotation_arrays(got, names)
-    assert sigma_min[6] == 0 and sigma_max[5] == 0.15 and sigma_min[4] == levels[20 + j]
+    assert sigma_min[6] == 0 and sigma_max[5] == 0.15 and sigma_min[4] == np.float32(levels[20 + j])
 
 
 def test_annotation_round_trip_and_errors(tmp_path):
@@ -832,8 +832,50 @@ def test_annotation_round_trip_and_errors(tmp_path):
         + json.dumps({"filename": "a.png", "sigma": 2.0})
         + "\n"
     )
+    from ambient_fast.data import read_annotations as strict_read_annotations
+
     with pytest.raises(AnnotationError, match="duplicate"):
-        read_annotations(tmp_path)
+        strict_read_annotations(tmp_path / "annotations.jsonl")  # the engine's reader keeps refusing
+
+
+def test_duplicate_lines_last_wins_with_one_warning(tmp_path):
+    """A rerun of the anchors' restore/annotate scripts appends: the last line per name wins, one warning."""
+    levels = np.linspace(0.05, 3.0, 16)
+    (tmp_path / "sigmas.txt").write_text("\n".join(repr(float(v)) for v in levels))
+    trajectory = np.ones((16, 2))
+    trajectory[5:] = 0.0
+    first_run = [
+        {"filename": "img00000000.png", "sigma_min": 1.2, "sigma_max": 0.0},
+        {"filename": "img00000001.png", "probabilities": trajectory.tolist()},
+        {"filename": "img00000002.png", "sigma_min": 0.0, "sigma_max": 0.0},
+    ]
+    rerun = [
+        {"filename": "img00000000.png", "sigma_min": 0.15, "sigma_max": 0.0},
+        {"filename": "img00000001.png", "annotation": 0.4},
+    ]
+    (tmp_path / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in first_run + rerun) + "\n")
+    with pytest.warns(UserWarning, match=r"2 duplicate line\(s\) \(first at line 1\)") as record:
+        got = read_annotations(tmp_path)
+    assert len(record) == 1
+    assert got == {"img00000000.png": (0.15, 0.0), "img00000001.png": (0.4, 0.0), "img00000002.png": (0.0, 0.0)}
+    # The last line may also be a raw form: the classifier line wins over an earlier fixed one.
+    (tmp_path / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in rerun + first_run[1:2]) + "\n")
+    with pytest.warns(UserWarning, match="1 duplicate"):
+        got = read_annotations(tmp_path)
+    j = math.ceil(math.log(0.55) / math.log(1 - 2 / 33)) - 1
+    assert got["img00000001.png"] == (float(np.float32(levels[min(5 + j, 15)])), 0.0)
+
+
+def test_sigmas_txt_is_read_as_float32(tmp_path):
+    """The anchors put sigmas.txt into a float32 tensor: levels are float32 values (0.1 -> 0.10000000149...)."""
+    from ambient_fast.compat import read_sigmas
+
+    (tmp_path / "sigmas.txt").write_text("0.3\n0.1\n2.5\n")
+    got = read_sigmas(tmp_path / "sigmas.txt")
+    assert got.dtype == np.float64
+    assert got.tolist() == [0.10000000149011612, 0.30000001192092896, 2.5]
+    trajectory = np.array([[1.0], [0.0], [0.0]])  # confused from the second level on
+    assert float(classifier_sigma_min(trajectory, got, ema_span=1)) == 0.30000001192092896
 
 
 # ----------------------------------------------------------------------------------------
