@@ -996,7 +996,7 @@ def test_open_anchor_dataset_with_raw_annotation_forms(tmp_path):
     dataset = open_anchor_dataset(tmp_path)
     assert list(dataset.keys) == names
     j = math.ceil(math.log(0.55) / math.log(1 - 2 / 33)) - 1
-    np.testing.assert_array_equal(dataset.sigma_min, [1.2, levels[min(3 + j, 15)], 300.0, 0.4, 0.0])
+    np.testing.assert_array_equal(dataset.sigma_min, [1.2, np.float32(levels[min(3 + j, 15)]), 300.0, 0.4, 0.0])
     np.testing.assert_array_equal(dataset.sigma_max, [0.0, 0.0, 0.2, 0.0, 0.0])
     assert dataset.annotation_path == str(tmp_path / "annotations.jsonl")
     pairs = iter(InfiniteSampler(dataset, s_max=4, chunk_size=8))
