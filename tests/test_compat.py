@@ -889,12 +889,40 @@ def _levels_fixture(n: int = 200, seed: int = 0):
     return sigma_min, sigma_max
 
 
+def ref_anchor_scan(sigma_min, sigma_max, buffer, seed, rank, world, count, window_size=0.5):
+    """The anchors' InfiniteSampler scan (ANCHORS 1.2 on EDM's windowed shuffle), first ``count`` pairs.
+
+    Written from the description: shuffled order from RandomState(seed); rank takes the steps
+    congruent to it; a kept sigma until an eligible image; after each step a swap of
+    order[i] with order[(i - randint(window)) % N]. Sigmas from RandomState(seed * world + rank)."""
+    n = len(sigma_min)
+    order = list(range(n))
+    shuffle_rng = np.random.RandomState(seed)
+    shuffle_rng.shuffle(order)
+    window = int(round(n * window_size))
+    sigma_rng = np.random.RandomState(seed * world + rank)
+    sigma = math.exp(sigma_rng.normal(0, 1) * 1.2 - 1.2)
+    out, step = [], 0
+    while len(out) < count:
+        pos = step % n
+        if step % world == rank:
+            image = order[pos]
+            if sigma > sigma_min[image] * buffer or sigma < sigma_max[image]:
+                out.append((image, sigma))
+                sigma = math.exp(sigma_rng.normal(0, 1) * 1.2 - 1.2)
+        if window >= 2:
+            other = (pos - shuffle_rng.randint(window)) % n
+            order[pos], order[other] = order[other], order[pos]
+        step += 1
+    return out
+
+
 @pytest.mark.parametrize("s_max", [4.0, None])
 def test_infinite_sampler_pairs_are_eligible_and_infinite(s_max):
     from ambient_fast.compat import InfiniteSampler
 
     sigma_min, sigma_max = _levels_fixture()
-    sampler = InfiniteSampler(None, seed=3, s_max=s_max, sigma_min=sigma_min, sigma_max=sigma_max, chunk_size=64)
+    sampler = InfiniteSampler(None, seed=3, s_max=s_max, sigma_min=sigma_min, sigma_max=sigma_max)
     buffer = 1.0 if s_max is None else math.sqrt(1 + 1 / (s_max - 1))
     assert math.isclose(sampler.buffer_factor, buffer)
     it = iter(sampler)
@@ -904,27 +932,52 @@ def test_infinite_sampler_pairs_are_eligible_and_infinite(s_max):
     eligible = (sigma_min[index] == 0) | (sigma > buffer * sigma_min[index]) | (sigma < sigma_max[index])
     assert eligible.all()
     assert abs(np.log(sigma).mean() - (-1.2)) < 0.06 and abs(np.log(sigma).std() - 1.2) < 0.06  # 5000 draws: s.e. 0.017
-    again = iter(InfiniteSampler(None, seed=3, s_max=s_max, sigma_min=sigma_min, sigma_max=sigma_max, chunk_size=64))
+    again = iter(InfiniteSampler(None, seed=3, s_max=s_max, sigma_min=sigma_min, sigma_max=sigma_max))
     assert [next(again) for _ in range(300)] == pairs[:300]
 
 
-def test_infinite_sampler_ranks_draw_disjoint_slots():
+@pytest.mark.parametrize(("rank", "world"), [(0, 1), (0, 2), (1, 2), (2, 3)])
+def test_infinite_sampler_is_the_anchors_scan(rank, world):
+    """Same order, same window swaps, same skip rule, rank slots as the anchors' sampler."""
     from ambient_fast.compat import InfiniteSampler
 
-    sigma_min, sigma_max = _levels_fixture()
-    single = iter(InfiniteSampler(None, seed=1, s_max=4, sigma_min=sigma_min, sigma_max=sigma_max, chunk_size=8))
-    ranks = [
-        iter(
-            InfiniteSampler(
-                None, rank=r, num_replicas=2, seed=1, s_max=4, sigma_min=sigma_min, sigma_max=sigma_max, chunk_size=4
-            )
-        )
-        for r in range(2)
-    ]
-    global_batch = [next(single) for _ in range(8)]
-    assert [next(ranks[0]) for _ in range(4)] + [next(ranks[1]) for _ in range(4)] == global_batch
+    sigma_min, sigma_max = _levels_fixture(97)
+    sampler = InfiniteSampler(
+        None, rank=rank, num_replicas=world, seed=4, s_max=4, sigma_min=sigma_min, sigma_max=sigma_max
+    )
+    it = iter(sampler)
+    ours = [next(it) for _ in range(1500)]
+    assert ours == ref_anchor_scan(sigma_min, sigma_max, math.sqrt(4 / 3), 4, rank, world, 1500)
     with pytest.raises(ValueError, match="shuffle=False"):
         InfiniteSampler(None, shuffle=False, sigma_min=sigma_min)
+    with pytest.raises(ValueError, match="image 3"):
+        InfiniteSampler(None, sigma_min=[0.0, 0.0, 0.0, -1.0])
+
+
+def test_infinite_sampler_per_image_count_spread_is_the_scans_not_poisson():
+    """Coverage law: a scan visits each image about once per pass, so draw counts spread far less
+    than with replacement (Poisson, sd = sqrt(mean)); the window swaps keep it from being exact."""
+    from ambient_fast.compat import InfiniteSampler
+
+    n = 200
+    clean = iter(InfiniteSampler(None, seed=3, s_max=4, sigma_min=np.zeros(n)))
+    counts = np.bincount([next(clean)[0] for _ in range(40 * n)], minlength=n)
+    assert counts.mean() == 40 and 1.5 < counts.std() < 0.7 * math.sqrt(40)  # scan: sd ~3.1; Poisson: 6.3
+    sigma_min, sigma_max = _levels_fixture(n)
+    mixed = iter(InfiniteSampler(None, seed=3, s_max=4, sigma_min=sigma_min, sigma_max=sigma_max))
+    counts = np.bincount([next(mixed)[0] for _ in range(40 * n)], minlength=n)
+    always = (sigma_min == 0) & (sigma_max == 0)  # clean images: eligible at every visit
+    mean, sd = counts[always].mean(), counts[always].std()
+    assert sd < 0.7 * math.sqrt(mean)  # ~6.4 vs Poisson ~13
+
+
+def test_infinite_sampler_redraws_a_sigma_no_image_accepts():
+    """All images corrupt: the anchors' scan would loop forever on a low sigma; ours redraws it."""
+    from ambient_fast.compat import InfiniteSampler
+
+    it = iter(InfiniteSampler(None, seed=0, s_max=4, sigma_min=np.full(10, 0.5)))
+    sigmas = np.array([next(it)[1] for _ in range(300)])
+    assert (sigmas > 0.5 * math.sqrt(4 / 3)).all()
 
 
 def test_with_sigma_dataloader_carries_sigma_with_the_item():
@@ -948,9 +1001,9 @@ def test_with_sigma_dataloader_carries_sigma_with_the_item():
             return {"image": torch.full((3, 4, 4), float(idx)), "filename": self._image_fnames[idx]}
 
     dataset = AnchorLikeDataset()
-    sampler = InfiniteSampler(dataset, seed=5, s_max=4, chunk_size=16)
+    sampler = InfiniteSampler(dataset, seed=5, s_max=4)
     loader = torch.utils.data.DataLoader(WithSigma(dataset), sampler=sampler, batch_size=8)
-    expected = iter(InfiniteSampler(dataset, seed=5, s_max=4, chunk_size=16))
+    expected = iter(InfiniteSampler(dataset, seed=5, s_max=4))
     batches = iter(loader)
     for _ in range(3):
         batch = next(batches)
@@ -999,7 +1052,7 @@ def test_open_anchor_dataset_with_raw_annotation_forms(tmp_path):
     np.testing.assert_array_equal(dataset.sigma_min, [1.2, np.float32(levels[min(3 + j, 15)]), 300.0, 0.4, 0.0])
     np.testing.assert_array_equal(dataset.sigma_max, [0.0, 0.0, 0.2, 0.0, 0.0])
     assert dataset.annotation_path == str(tmp_path / "annotations.jsonl")
-    pairs = iter(InfiniteSampler(dataset, s_max=4, chunk_size=8))
+    pairs = iter(InfiniteSampler(dataset, s_max=4))
     for _ in range(200):
         index, sigma = next(pairs)
         assert (
