@@ -301,7 +301,9 @@ class EDMAmbientLoss(_AmbientLossBase):
     ``net(x, sigma, labels[, augment_labels=...])`` is called as EDM does: ``sigma`` shaped
     ``(B, 1, ..., 1)``; ``augment_labels`` only when an ``augment_pipe`` gives them; with
     ``uncertainty="net"`` the net is called with ``return_logvar=True`` (EDM2) and returns
-    ``(D, logvar)``.
+    ``(D, logvar)``. ``stored_noisy=True`` is the anchors' ``/npy`` case (``add_noise=False``):
+    the images already are ``x_tn``, so no nature noise is added (``noise``/``sample_ids``
+    are not needed) while ``sigma_tn`` still follows the rule.
     """
 
     def __init__(
@@ -314,6 +316,7 @@ class EDMAmbientLoss(_AmbientLossBase):
         reduction: Reduction = "none",  # "none" = (B,C,H,W) EDM; "per_sample" = (B,) fused
         uncertainty: SigmaLogVariance | Literal["net"] | None = None,  # EDM2 weighting
         noise_seed: int = 0,  # run seed of the frozen noise when sample_ids are given
+        stored_noisy: bool = False,  # images are already x_tn (the anchors' /npy datasets): add no nature noise
         backend: str = "auto",  # fused-op backend of reduction="per_sample"
         validate: bool = True,  # eager input checks of the fused op (host sync)
     ) -> None:
@@ -325,6 +328,7 @@ class EDMAmbientLoss(_AmbientLossBase):
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.sigma_tn_rule: SigmaTnRule = sigma_tn_rule
         self.noise_seed = int(noise_seed)
+        self.stored_noisy = bool(stored_noisy)
 
     def forward(
         self,
@@ -392,7 +396,9 @@ class EDMAmbientLoss(_AmbientLossBase):
             sigma_tn = nature_sigma(
                 sigma, sigma_min.to(y.device), None if sigma_max is None else sigma_max.to(y.device), self.sigma_tn_rule
             )
-            if noise is not None:
+            if self.stored_noisy:  # the anchors' add_noise=False: the stored sample is x_tn
+                nature = torch.zeros_like(y)
+            elif noise is not None:
                 nature = noise.to(device=y.device, dtype=y.dtype)
             elif sample_ids is not None:
                 seeds = derive_seeds(sample_ids.to(y.device), self.noise_seed)
