@@ -30,7 +30,14 @@ from .annotations import (
 )
 from .data import InfiniteSampler, WithSigma, anchor_nature_noise, open_anchor_dataset
 from .generate import StackedRandomGenerator, edm_sampler
-from .loss import AmbientEDMLoss, EDMAmbientLoss, SigmaLogVariance, ambient_elementwise_loss, nature_sigma
+from .loss import (
+    AmbientEDMLoss,
+    EDMAmbientLoss,
+    LossTerms,
+    SigmaLogVariance,
+    ambient_elementwise_loss,
+    nature_sigma,
+)
 from .restore import edm_restorer, restore_with_annotations
 
 __all__ = [
@@ -39,6 +46,7 @@ __all__ = [
     "Annotation",
     "EDMAmbientLoss",
     "InfiniteSampler",
+    "LossTerms",
     "SigmaLogVariance",
     "StackedRandomGenerator",
     "WithSigma",

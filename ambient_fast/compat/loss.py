@@ -47,6 +47,7 @@ __all__ = [
     "SigmaLogVariance",
     "EDMAmbientLoss",
     "AmbientEDMLoss",
+    "LossTerms",
 ]
 
 SigmaTnRule = Literal["dataloops", "omni", "edm2"]
@@ -202,11 +203,20 @@ class SigmaLogVariance(nn.Module):
         return self.head(torch.cos(angle) * math.sqrt(2.0)).reshape(-1)
 
 
-class _Terms(NamedTuple):
+class LossTerms(NamedTuple):
+    """One batch's loss and the tensors the anchors' training loop keeps for its logs.
+
+    ``loss``: ``(B, ...)`` per element or ``(B,)`` per sample; ``x0_pred``: ``(B, ...)`` the
+    network's x0 estimate; ``sigma``: ``(B, 1, ..., 1)`` training levels; ``x_t``: ``(B, ...)``
+    the network input (the anchors' ``noisy_input``); ``x_tn``: ``(B, ...)`` the sample at its
+    nature level.
+    """
+
     loss: torch.Tensor
-    denoised: torch.Tensor
+    x0_pred: torch.Tensor
     sigma: torch.Tensor
     x_t: torch.Tensor
+    x_tn: torch.Tensor
 
 
 class _AmbientLossBase(nn.Module):
@@ -243,7 +253,7 @@ class _AmbientLossBase(nn.Module):
         sigma_tn: torch.Tensor,
         labels: Any,
         augment_labels: Any,
-    ) -> _Terms:
+    ) -> LossTerms:
         view = (-1,) + (1,) * (x_t.dim() - 1)
         sigma_net = sigma.reshape(view)
         kwargs: dict[str, Any] = {} if augment_labels is None else {"augment_labels": augment_labels}
@@ -278,7 +288,7 @@ class _AmbientLossBase(nn.Module):
                 lv = logvar.to(per_sample.dtype)
                 per_sample = per_sample / lv.exp() + lv
             loss = per_sample * numel
-        return _Terms(loss, denoised, sigma_net, x_t)
+        return LossTerms(loss, denoised, sigma_net, x_t, x_tn)
 
 
 def _fresh_normal(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -361,23 +371,39 @@ class EDMAmbientLoss(_AmbientLossBase):
                 required with ``sigma_min``.
             generator: for the sigma draw and the fresh noise ``z`` (None = global RNG, as EDM).
         """
-        return self._terms(
-            net, images, labels, augment_pipe, sigma, sigma_min, sigma_max, noise, sample_ids, generator
+        return self.terms(
+            net,
+            images,
+            labels,
+            augment_pipe,
+            sigma=sigma,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            noise=noise,
+            sample_ids=sample_ids,
+            generator=generator,
         ).loss
 
-    def _terms(
+    def terms(
         self,
         net: Callable[..., Any],
         images: torch.Tensor,
-        labels: Any,
-        augment_pipe: Callable[[torch.Tensor], tuple[torch.Tensor, Any]] | None,
-        sigma: torch.Tensor | None,
-        sigma_min: torch.Tensor | None,
-        sigma_max: torch.Tensor | None,
-        noise: torch.Tensor | None,
-        sample_ids: torch.Tensor | None,
-        generator: torch.Generator | None,
-    ) -> _Terms:
+        labels: Any = None,
+        augment_pipe: Callable[[torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
+        *,
+        sigma: torch.Tensor | None = None,
+        sigma_min: torch.Tensor | None = None,
+        sigma_max: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        sample_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossTerms:
+        """:meth:`forward`'s loss with the loop's logged tensors: ``(loss, x0_pred, sigma, x_t, x_tn)``.
+
+        Same arguments as :meth:`forward`. The anchors' loop body becomes
+        ``loss, x0_pred, sigma, noisy_input, x_tn = loss_fn.terms(...)``, so its image logs
+        and per-bucket statistics keep their inputs (see ``docs/switching_from_edm.md``).
+        """
         batch = images.shape[0]
         view = (-1,) + (1,) * (images.dim() - 1)
         # Draw the noise level (EDM: a (B,1,1,1) normal before anything else).
@@ -459,4 +485,4 @@ class AmbientEDMLoss(_AmbientLossBase):
         sm = _per_sample("sigma_tn", sigma_tn, batch).to(device=x_tn.device, dtype=x_tn.dtype)
         extra = torch.sqrt(torch.clamp(s * s - sm * sm, min=0))
         x_t = x_tn + _fresh_normal(x_tn, generator) * extra.reshape(view)
-        return tuple(self._evaluate(net, x_t, x_tn, s, sm, labels, augment_labels))  # type: ignore[return-value]
+        return tuple(self._evaluate(net, x_t, x_tn, s, sm, labels, augment_labels)[:4])  # type: ignore[return-value]
