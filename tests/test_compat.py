@@ -978,6 +978,8 @@ def test_infinite_sampler_redraws_a_sigma_no_image_accepts():
     it = iter(InfiniteSampler(None, seed=0, s_max=4, sigma_min=np.full(10, 0.5)))
     sigmas = np.array([next(it)[1] for _ in range(300)])
     assert (sigmas > 0.5 * math.sqrt(4 / 3)).all()
+    with pytest.raises(ValueError, match="no image is eligible"):
+        InfiniteSampler(None, s_max=4, sigma_min=np.full(10, 300.0))  # crop sentinels without sigma_max
 
 
 def test_with_sigma_dataloader_carries_sigma_with_the_item():

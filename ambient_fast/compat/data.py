@@ -123,6 +123,17 @@ class InfiniteSampler(torch.utils.data.Sampler):
         # Image i is eligible at sigma iff sigma > threshold[i] or sigma < sigma_max[i].
         self.threshold = levels_min * self.buffer_factor
         self._lowest, self._highest_max = float(self.threshold.min()), float(levels_max.max())
+        reachable = (
+            _lognormal_cdf(self._highest_max, self.P_mean, self.P_std)
+            + 1
+            - _lognormal_cdf(self._lowest, self.P_mean, self.P_std)
+        )
+        if reachable < 1e-6:
+            raise ValueError(
+                f"no image is eligible at almost any sigma: the lowest buffered sigma_min is {self._lowest:.4g} and "
+                f"the highest sigma_max {self._highest_max:.4g} under ln sigma ~ N({P_mean}, {P_std}^2) "
+                f"(P = {reachable:.2g}); add clean images or lower the annotations"
+            )
 
     def __len__(self) -> int:
         return self.sigma_min.size
@@ -155,6 +166,13 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 j = (i - swaps.randint(window)) % size
                 order[i], order[j] = order[j], order[i]
             step += 1
+
+
+def _lognormal_cdf(level: float, P_mean: float, P_std: float) -> float:
+    """``P(sigma <= level)`` for ``ln sigma ~ N(P_mean, P_std^2)``."""
+    if level <= 0:
+        return 0.0
+    return 0.5 * math.erfc(-(math.log(level) - P_mean) / (P_std * math.sqrt(2)))
 
 
 def _levels(dataset: Any, sigma_min, sigma_max) -> tuple[np.ndarray, np.ndarray | None]:
