@@ -11,11 +11,15 @@ Heun / stochastic sampler with float64 state (3.1) and the Dataloops per-sample 
   parameter gradients and the other fp32-vs-fp32 comparisons (per-sample fast path, anchor
   signature, uncertainty weighting): rtol 1e-4 / 2e-5, atol 1e-5 of the largest value
   (sums of ~200 fp32 terms in a different order);
-- samplers with a float64 network: 1e-9 absolute and relative on O(1) images (both are
-  float64 Heun loops that differ only in the order of float64 operations; a last-bit
-  difference at sigma = 80 is amplified by up to 80/0.002 in the step that lands on 0.002);
-  with a float32 network: 1e-4 absolute (the float32 network sees float64 states that
-  differ in the last bits, i.e. fp32 rounding of its input);
+- samplers and restorer with the reference step ops (``backend="torch"``, the compat
+  default): bit-identical (``torch.equal``) to EDM's ``edm_sampler`` as EDM computes it
+  (Python-float gamma, 0-dim float64 levels) and to Dataloops' ``edm_restorer`` with its
+  dtypes (float32 roots of the levels for float32 images, float32 gamma), with float64 and
+  float32 networks alike; with the fused backends (C++, Triton interpreted): 1e-9 absolute
+  and relative on O(1) images (float64 loops that differ in the order of float64 operations
+  or FMA contraction; a last-bit difference at sigma = 80 is amplified by up to 80/0.002 in
+  the step that lands on 0.002). A float32 churn factor moves the images by ~1e-8, so both
+  checks see it;
 - plain EDM (no annotations): bit-identical to EDM's ``EDMLoss`` for the same seed.
 """
 
