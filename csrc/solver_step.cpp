@@ -2,7 +2,7 @@
 // Contract: ambient_fast.core.solver_step. One pass: each input element is read once and
 // each output element written once; per-sample levels become per-row coefficients first.
 //
-//   euler:     x' = x + (sigma_next - sigma) (x - D) / sigma
+//   euler:     x' = x + (sigma_next - sigma) ((x - D) / sigma)
 //   heun:      x' = x + (sigma_next - sigma)/2 (d + d'),  d = (x - D)/sigma,
 //              d' = (x + (sigma_next - sigma) d - D')/sigma_next; rows with sigma_next == 0
 //              keep the Euler point (D' is not read there)
@@ -34,7 +34,7 @@ namespace {
 template <typename C>
 struct Euler {
   C step, sigma;  // step = sigma_next - sigma
-  AF_INLINE C operator()(C x, C denoised, C) const { return x + (step * (x - denoised)) / sigma; }
+  AF_INLINE C operator()(C x, C denoised, C) const { return x + step * ((x - denoised) / sigma); }  // EDM order
 };
 template <typename C>
 struct HeunCorrect {

@@ -11,11 +11,15 @@ Heun / stochastic sampler with float64 state (3.1) and the Dataloops per-sample 
   parameter gradients and the other fp32-vs-fp32 comparisons (per-sample fast path, anchor
   signature, uncertainty weighting): rtol 1e-4 / 2e-5, atol 1e-5 of the largest value
   (sums of ~200 fp32 terms in a different order);
-- samplers with a float64 network: 1e-9 absolute and relative on O(1) images (both are
-  float64 Heun loops that differ only in the order of float64 operations; a last-bit
-  difference at sigma = 80 is amplified by up to 80/0.002 in the step that lands on 0.002);
-  with a float32 network: 1e-4 absolute (the float32 network sees float64 states that
-  differ in the last bits, i.e. fp32 rounding of its input);
+- samplers and restorer with the reference step ops (``backend="torch"``, the compat
+  default): bit-identical (``torch.equal``) to EDM's ``edm_sampler`` as EDM computes it
+  (Python-float gamma, 0-dim float64 levels) and to Dataloops' ``edm_restorer`` with its
+  dtypes (float32 roots of the levels for float32 images, float32 gamma), with float64 and
+  float32 networks alike; with the fused backends (C++, Triton interpreted): 1e-9 absolute
+  and relative on O(1) images (float64 loops that differ in the order of float64 operations
+  or FMA contraction; a last-bit difference at sigma = 80 is amplified by up to 80/0.002 in
+  the step that lands on 0.002). A float32 churn factor moves the images by ~1e-8, so both
+  checks see it;
 - plain EDM (no annotations): bit-identical to EDM's ``EDMLoss`` for the same seed.
 """
 
@@ -154,25 +158,6 @@ def ref_edm_loss(net, images, labels=None, augment_pipe=None):
     return weight * ((denoised - y) ** 2)
 
 
-def ref_heun_loop(net, x, t_steps, randn_like, S_churn, S_min, S_max, S_noise, class_labels=None):
-    """EDM Algorithm 2 with per-sample levels t_steps (B, N+1), float64 state (ANCHORS 3.1/3.2)."""
-    num_steps = t_steps.shape[1] - 1
-    for i in range(num_steps):
-        t_cur, t_next = t_steps[:, i], t_steps[:, i + 1]
-        gamma = torch.where((S_min <= t_cur) & (t_cur <= S_max), min(S_churn / num_steps, math.sqrt(2) - 1), 0.0)
-        t_hat = t_cur + gamma * t_cur
-        x_hat = x + (t_hat**2 - t_cur**2).sqrt()[:, None, None, None] * S_noise * randn_like(x)
-        denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
-        d_cur = (x_hat - denoised) / t_hat[:, None, None, None]
-        x_next = x_hat + (t_next - t_hat)[:, None, None, None] * d_cur
-        if i < num_steps - 1:
-            denoised = net(x_next, t_next, class_labels).to(torch.float64)
-            d_prime = (x_next - denoised) / t_next[:, None, None, None]
-            x_next = x_hat + (t_next - t_hat)[:, None, None, None] * (0.5 * d_cur + 0.5 * d_prime)
-        x = x_next
-    return x
-
-
 def ref_edm_sampler(
     net,
     latents,
@@ -186,27 +171,77 @@ def ref_edm_sampler(
     S_max=float("inf"),
     S_noise=1.0,
 ):
-    """EDM generate.py::edm_sampler from ANCHORS 3.1 (shared grid), float64 state."""
+    """EDM generate.py::edm_sampler (Algorithm 2) as EDM computes it: Python-float bounds and
+    gamma, 0-dim float64 levels, ``t_hat = round(t + gamma t)``, float64 state (ANCHORS 3.1)."""
+    sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
+    sigma_max = min(sigma_max, getattr(net, "sigma_max", float("inf")))
+    round_sigma = getattr(net, "round_sigma", torch.as_tensor)
     idx = torch.arange(num_steps, dtype=torch.float64)
     t = (sigma_max ** (1 / rho) + idx / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    t = torch.cat([t, torch.zeros(1, dtype=torch.float64)])
-    t_steps = t.expand(latents.shape[0], -1)
+    t = torch.cat([round_sigma(t), torch.zeros(1, dtype=torch.float64)])
     x = latents.to(torch.float64) * t[0]
-    return ref_heun_loop(net, x, t_steps, randn_like, S_churn, S_min, S_max, S_noise)
+    for i in range(num_steps):
+        t_cur, t_next = t[i], t[i + 1]
+        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
+        t_hat = round_sigma(t_cur + gamma * t_cur)
+        x_hat = x + (t_hat**2 - t_cur**2).sqrt() * S_noise * randn_like(x)
+        denoised = net(x_hat, t_hat, None).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next, None).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
+    return x
 
 
-def ref_edm_restorer(x, sigma_start, net, latents, randn_like, num_steps=18, sigma_min=0.002, rho=7.0):
-    """Dataloops edm_restorer from ANCHORS 3.2 (sigma_end = 0, S_churn = 0)."""
-    start = torch.clamp(sigma_start.to(torch.float64), min=sigma_min)
-    end = torch.full_like(start, sigma_min)
-    idx = torch.arange(num_steps, dtype=torch.float64)[:, None]
-    t = (start[None] ** (1 / rho) + idx / (num_steps - 1) * (end[None] ** (1 / rho) - start[None] ** (1 / rho))) ** rho
-    t_steps = torch.cat([t, torch.zeros(1, t.shape[1], dtype=torch.float64)]).T
-    state = x.to(torch.float64) + latents.to(torch.float64) * t_steps[:, 0, None, None, None]
-    out = ref_heun_loop(net, state, t_steps, randn_like, 0.0, 0.0, float("inf"), 1.0)
+def ref_edm_restorer(
+    x,
+    sigma_start,
+    sigma_end,
+    net,
+    latents,
+    randn_like,
+    num_steps=18,
+    sigma_min=0.002,
+    rho=7.0,
+    S_churn=0.0,
+    S_min=0.0,
+    S_max=float("inf"),
+    S_noise=1.0,
+    add_noise=True,
+):
+    """Dataloops restore.py::edm_restorer with its dtypes (ANCHORS 3.2): the bounds clamped in
+    sigma's dtype and cast to the images' dtype (float32 for PNG datasets), so the rho-root
+    terms are float32 while the step fractions are float64; gamma from ``torch.where`` on
+    Python scalars (float32); per-sample (B,) float64 levels; clean images copied back."""
+    sigma_min = max(sigma_min, getattr(net, "sigma_min", 0.0))
+    round_sigma = getattr(net, "round_sigma", torch.as_tensor)
+    lo = torch.max(sigma_end, torch.full_like(sigma_end, sigma_min)).to(x.dtype)
+    hi = torch.max(sigma_start, torch.full_like(sigma_start, sigma_min)).to(x.dtype)
+    idx = torch.arange(num_steps, dtype=torch.float64)
+    root_hi, root_lo = hi[None, :] ** (1 / rho), lo[None, :] ** (1 / rho)  # float32 for float32 images
+    t = (root_hi + idx[:, None] / (num_steps - 1) * (root_lo - root_hi)) ** rho
+    t = torch.cat([round_sigma(t), sigma_end.to(x.dtype)[None, :]], 0)
+    col = (-1, 1, 1, 1)
+    state = x + latents.to(torch.float64) * t[0].view(col) * float(add_noise)
+    for i in range(num_steps):
+        t_cur, t_next = t[i], t[i + 1]
+        gamma = torch.where((S_min <= t_cur) & (t_cur <= S_max), min(S_churn / num_steps, math.sqrt(2) - 1), 0.0)
+        t_hat = round_sigma(t_cur + gamma * t_cur)
+        x_hat = state + (t_hat**2 - t_cur**2).sqrt().view(col) * S_noise * randn_like(state)
+        denoised = net(x_hat, t_hat, None).to(torch.float64)
+        d_cur = (x_hat - denoised) / t_hat.view(col)
+        x_next = x_hat + (t_next - t_hat).view(col) * d_cur
+        if i < num_steps - 1:
+            denoised = net(x_next, t_next, None).to(torch.float64)
+            d_prime = (x_next - denoised) / t_next.view(col)
+            x_next = x_hat + (t_next - t_hat).view(col) * (0.5 * d_cur + 0.5 * d_prime)
+        state = x_next
     clean = sigma_start == 0
-    out[clean] = x[clean].to(torch.float64)
-    return out
+    state[clean] = x[clean].to(torch.float64)
+    return state
 
 
 def per_row_randn_like(seeds):
@@ -516,6 +551,14 @@ def test_stacked_random_generator_is_per_row():
     assert torch.equal(StackedRandomGenerator("cpu", [7]).randn([1, 4], dtype=torch.float64)[0], x[1])
 
 
+def assert_edm_bits(ours, ref, backend):
+    """The reference step ops give EDM's bits; the fused ones agree to float64 rounding."""
+    if backend == "torch":
+        assert torch.equal(ours, ref), f"max |diff| {float((ours - ref).abs().max()):.3g}"
+    else:
+        torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("num_steps", [2, 5, 18])
 def test_edm_sampler_deterministic_matches_reference(backend, num_steps):
@@ -524,33 +567,50 @@ def test_edm_sampler_deterministic_matches_reference(backend, num_steps):
     ours = edm_sampler(net64, latents, num_steps=num_steps, backend=backend)
     ref = ref_edm_sampler(net64, latents, torch.randn_like, num_steps=num_steps)
     assert ours.dtype == torch.float64
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    assert_edm_bits(ours, ref, backend)
 
 
-def test_edm_sampler_float32_net_agrees_to_fp32_rounding():
+def test_edm_sampler_float32_net_is_edm_bit_for_bit():
+    """A float32 network sees the same float64 states cast down: same bits as EDM as well."""
     net32, _ = net_pair(2)
     latents = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    ours = edm_sampler(net32, latents, backend="torch")
-    ref = ref_edm_sampler(net32, latents, torch.randn_like)
-    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+    ours = edm_sampler(net32, latents)
+    assert torch.equal(ours, ref_edm_sampler(net32, latents, torch.randn_like))
 
 
 @pytest.mark.parametrize("backend", WITH_TRITON)
-def test_edm_sampler_stochastic_same_seed_same_images(backend):
-    """EDM's ImageNet-64 churn settings with per-image generators: same images as the plain loop."""
+@pytest.mark.parametrize("S_churn", [40, 80])
+def test_edm_sampler_stochastic_same_seed_same_images(backend, S_churn):
+    """EDM's ImageNet-64 churn settings with per-image generators: EDM's images.
+
+    S_churn 40 / 80 over 12 steps gives gamma = 40/12 -> sqrt(2) - 1 (capped) and 80/12 (capped
+    too), a value that float32 rounds; a float32 gamma moves the levels by ~4e-9 relative and
+    the images by ~1e-8, which the bitwise check sees."""
     _, net64 = net_pair(3)
     seeds = [0, 5, 9]
     latents = StackedRandomGenerator("cpu", seeds).randn([3, 3, 8, 8])
-    settings = dict(num_steps=12, S_churn=40, S_min=0.05, S_max=50, S_noise=1.003)
+    settings = dict(num_steps=12, S_churn=S_churn, S_min=0.05, S_max=50, S_noise=1.003)
     rnd = StackedRandomGenerator("cpu", seeds)
     ours = edm_sampler(net64, latents, randn_like=rnd.randn_like, backend=backend, **settings)
     ref = ref_edm_sampler(net64, latents, per_row_randn_like(seeds), **settings)
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    assert_edm_bits(ours, ref, backend)
     # Batch independence: image 1 alone gives the same result.
     alone = edm_sampler(
         net64, latents[1:2], randn_like=StackedRandomGenerator("cpu", [5]).randn_like, backend=backend, **settings
     )
     torch.testing.assert_close(alone[0], ours[1], rtol=1e-12, atol=1e-12)
+
+
+def test_churn_gamma_is_float64_as_edm():
+    """A gamma below the cap (S_churn / N = 0.1) is not a float32 value: the levels keep it exactly."""
+    from ambient_fast.compat.generate import _churn_levels
+
+    levels = torch.tensor([3.0, 1.0, 0.01], dtype=torch.float64)
+    churned = _churn_levels(levels, 10, 1.0, 0.05, 50.0)
+    assert churned.tolist() == [3.0 + 0.1 * 3.0, 1.0 + 0.1 * 1.0, 0.01]
+    anchor32 = _churn_levels(levels, 10, 1.0, 0.05, 50.0, gamma_dtype=torch.float32)
+    gamma32 = float(torch.tensor(0.1, dtype=torch.float32))
+    assert anchor32.tolist() == [3.0 + gamma32 * 3.0, 1.0 + gamma32 * 1.0, 0.01] != churned.tolist()
 
 
 def test_edm_sampler_rng_stream_matches_edm():
@@ -565,48 +625,87 @@ def test_edm_sampler_rng_stream_matches_edm():
     assert torch.equal(after_ours, torch.randn(3))
     torch.manual_seed(5)
     fast = edm_sampler(net64, latents, num_steps=6, exact_rng=False)
-    torch.testing.assert_close(
-        fast, ref_edm_sampler(net64, latents, torch.randn_like, num_steps=6), rtol=1e-9, atol=1e-9
-    )
+    assert torch.equal(fast, ref_edm_sampler(net64, latents, torch.randn_like, num_steps=6))
 
 
 def test_edm_sampler_clamps_and_rounds_like_edm():
     net = RoundedNet(5).double()
     latents = torch.randn(2, 3, 8, 8)
-    ours = edm_sampler(net, latents, num_steps=7, backend="torch")
-    # Reference: the clamped grid rounded by the net, as EDM's edm_sampler.
-    idx = torch.arange(7, dtype=torch.float64)
-    t = (20.0 ** (1 / 7) + idx / 6 * (0.01 ** (1 / 7) - 20.0 ** (1 / 7))) ** 7
-    t = torch.cat([net.round_sigma(t), torch.zeros(1, dtype=torch.float64)])
-    x = latents.double() * t[0]
-    ref = ref_heun_loop(net, x, t.expand(2, -1), torch.randn_like, 0.0, 0.0, float("inf"), 1.0)
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    settings = dict(num_steps=7, S_churn=3.0)
+    torch.manual_seed(1)
+    ours = edm_sampler(net, latents, **settings)
+    torch.manual_seed(1)
+    assert torch.equal(ours, ref_edm_sampler(net, latents, torch.randn_like, **settings))
 
 
 # ----------------------------------------------------------------------------------------
 # Restorer.
 
 
+def _restore_inputs(seed, batch=4):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, 8, 8, generator=g).clamp(-1, 1)
+    # Annotations as the anchors' script reads them: a float32 tensor of the JSON values.
+    sigma_start = torch.tensor([1.2, 0.0, 0.15, 2.4, 0.001, 0.7][:batch], dtype=torch.float32)
+    seeds = list(range(10, 10 + batch))
+    latents = StackedRandomGenerator("cpu", seeds).randn([batch, 3, 8, 8])
+    return images, sigma_start, seeds, latents
+
+
 @pytest.mark.parametrize("backend", WITH_TRITON)
-def test_edm_restorer_matches_reference(backend):
+@pytest.mark.parametrize("churn", [{}, dict(S_churn=40, S_min=0.01, S_max=1.0, S_noise=1.003)])
+def test_edm_restorer_anchor_arithmetic_is_restore_py_bit_for_bit(backend, churn):
+    """Float32 images and levels (a PNG dataset): the anchors' float32 grid and gamma, their bits."""
     _, net64 = net_pair(6)
-    g = torch.Generator().manual_seed(7)
-    images = torch.randn(4, 3, 8, 8, generator=g).clamp(-1, 1)
-    sigma_start = torch.tensor([1.2, 0.0, 0.15, 2.4])
-    seeds = [10, 11, 12, 13]
-    latents = StackedRandomGenerator("cpu", seeds).randn([4, 3, 8, 8])
+    images, sigma_start, seeds, latents = _restore_inputs(7, batch=6)
     ours = edm_restorer(
+        images,
+        sigma_start,
+        torch.zeros(6),
+        net64,
+        latents,
+        randn_like=StackedRandomGenerator("cpu", seeds).randn_like,
+        backend=backend,
+        **churn,
+    )
+    ref = ref_edm_restorer(images, sigma_start, torch.zeros(6), net64, latents, per_row_randn_like(seeds), **churn)
+    assert_edm_bits(ours, ref, backend)
+    assert torch.equal(ours[1], images[1].double())  # clean image passes through
+
+
+def test_edm_restorer_float64_arithmetic_is_the_exact_grid():
+    """arithmetic="float64": the grid of the float64 levels; it differs from the anchors' float32 grid."""
+    _, net64 = net_pair(6)
+    images, sigma_start, seeds, latents = _restore_inputs(8)
+    exact = edm_restorer(
         images,
         sigma_start,
         torch.zeros(4),
         net64,
         latents,
         randn_like=StackedRandomGenerator("cpu", seeds).randn_like,
-        backend=backend,
+        arithmetic="float64",
     )
-    ref = ref_edm_restorer(images, sigma_start, net64, latents, per_row_randn_like(seeds))
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
-    assert torch.equal(ours[1], images[1].double())  # clean image passes through
+    # The float64 reference: restore.py's formula on float64 images and levels is the exact grid.
+    ref = ref_edm_restorer(
+        images.double(),
+        sigma_start.double(),
+        torch.zeros(4, dtype=torch.float64),
+        net64,
+        latents,
+        per_row_randn_like(seeds),
+    )
+    torch.testing.assert_close(exact, ref, rtol=1e-12, atol=1e-12)
+    anchor = edm_restorer(
+        images,
+        sigma_start,
+        torch.zeros(4),
+        net64,
+        latents,
+        randn_like=StackedRandomGenerator("cpu", seeds).randn_like,
+    )
+    assert not torch.equal(anchor, exact)
+    torch.testing.assert_close(anchor, exact, rtol=1e-5, atol=1e-5)
 
 
 def test_edm_restorer_options():
@@ -614,56 +713,37 @@ def test_edm_restorer_options():
     _, net64 = net_pair(7)
     images = torch.randn(2, 3, 8, 8)
     sigma_start = torch.tensor([1.0, 0.5])
-    no_noise = edm_restorer(
-        images,
-        sigma_start,
-        torch.zeros(2),
-        net64,
-        torch.full_like(images, float("nan")),
-        add_noise=False,
-        num_steps=4,
-        backend="torch",
-    )
-    start = torch.clamp(sigma_start.double(), min=0.002)
-    idx = torch.arange(4, dtype=torch.float64)[:, None]
-    t = (start[None] ** (1 / 7) + idx / 3 * (0.002 ** (1 / 7) - start[None] ** (1 / 7))) ** 7
-    t_steps = torch.cat([t, torch.zeros(1, 2, dtype=torch.float64)]).T
-    ref = ref_heun_loop(net64, images.double(), t_steps, torch.randn_like, 0.0, 0.0, float("inf"), 1.0)
-    torch.testing.assert_close(no_noise, ref, rtol=1e-9, atol=1e-9)
-    # sigma_end > 0: the grid ends on sigma_end (a final zero-length Euler step, as the anchors).
-    end = torch.tensor([0.3, 0.1])
     latents = torch.randn(2, 3, 8, 8)
-    ours = edm_restorer(images, sigma_start, end, net64, latents, num_steps=4, backend="torch")
-    t = (start[None] ** (1 / 7) + idx / 3 * (end.double()[None] ** (1 / 7) - start[None] ** (1 / 7))) ** 7
-    t_steps = torch.cat([t, end.double()[None]]).T
-    ref = ref_heun_loop(
-        net64,
-        images.double() + latents.double() * t_steps[:, :1, None, None],
-        t_steps,
-        torch.randn_like,
-        0.0,
-        0.0,
-        float("inf"),
-        1.0,
-    )
-    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    for add_noise in (False, True):
+        for end in (torch.zeros(2), torch.tensor([0.3, 0.1])):
+            ours = edm_restorer(images, sigma_start, end, net64, latents, add_noise=add_noise, num_steps=4)
+            ref = ref_edm_restorer(
+                images, sigma_start, end, net64, latents, torch.randn_like, num_steps=4, add_noise=add_noise
+            )
+            assert torch.equal(ours, ref)
+    ours = edm_restorer(images, sigma_start, torch.zeros(2), net64, latents, add_noise=False, num_steps=4)
+    start_only = edm_restorer(images, sigma_start, torch.zeros(2), net64, torch.zeros_like(latents), num_steps=4)
+    assert torch.equal(ours, start_only)  # no noise added: the same as zero latents
+    with pytest.raises(ValueError, match="arithmetic"):
+        edm_restorer(images, sigma_start, torch.zeros(2), net64, latents, arithmetic="float32")
 
 
 def test_restore_with_annotations_batch_independent():
     _, net64 = net_pair(8)
     images = torch.randn(3, 3, 8, 8).clamp(-1, 1)
-    sigma_tn = torch.tensor([1.2, 0.0, 0.8])
+    sigma_tn = torch.tensor([1.2, 0.0, 0.002], dtype=torch.float64)
     names = ["img00000000.png", "img00000001.png", "img00000002.png"]
-    restored, annotations = restore_with_annotations(
-        net64, images, sigma_tn, names, [0, 1, 2], num_steps=5, backend="torch"
-    )
+    restored, annotations = restore_with_annotations(net64, images, sigma_tn, names, [0, 1, 2], num_steps=5)
     assert restored.dtype == images.dtype
     assert list(annotations) == names
-    for (got_min, got_max), expected in zip(annotations.values(), [1.2 / 8, 0.0, 0.8 / 8], strict=True):
-        assert math.isclose(got_min, expected, rel_tol=1e-6) and got_max == 0.0
+    # The anchors' script: float32 levels divided in float32, written as Python floats.
+    assert [a.sigma_min for a in annotations.values()] == [0.15000000596046448, 0.0, 0.0002500000118743628]
+    assert all(a.sigma_max == 0.0 for a in annotations.values())
+    _, exact = restore_with_annotations(net64, images, sigma_tn, names, [0, 1, 2], num_steps=5, arithmetic="float64")
+    assert [a.sigma_min for a in exact.values()] == [1.2 / 8, 0.0, 0.002 / 8]
     assert torch.equal(restored[1], images[1])
-    single, _ = restore_with_annotations(net64, images[2:], sigma_tn[2:], names[2:], [2], num_steps=5, backend="torch")
-    torch.testing.assert_close(single[0], restored[2], rtol=0, atol=1e-6)
+    single, _ = restore_with_annotations(net64, images[2:], sigma_tn[2:], names[2:], [2], num_steps=5)
+    assert torch.equal(single[0], restored[2])
 
 
 # ----------------------------------------------------------------------------------------
@@ -728,12 +808,12 @@ def test_read_all_annotation_forms(tmp_path):
         "00000/img00000001.png": (0.0, 0.0),
         "00000/img00000002.png": (1.6, 0.0),
         "00000/img00000003.png": (0.15, 0.0),
-        "00000/img00000004.png": (levels[20 + j], 0.0),
+        "00000/img00000004.png": (float(np.float32(levels[20 + j])), 0.0),  # sigmas.txt is read as float32
         "00000/img00000005.png": (300.0, 0.15),
     }
     names = [f"00000/img{i:08d}.png" for i in range(7)]
     sigma_min, sigma_max = annotation_arrays(got, names)
-    assert sigma_min[6] == 0 and sigma_max[5] == 0.15 and sigma_min[4] == levels[20 + j]
+    assert sigma_min[6] == 0 and sigma_max[5] == 0.15 and sigma_min[4] == np.float32(levels[20 + j])
 
 
 def test_annotation_round_trip_and_errors(tmp_path):
@@ -756,8 +836,50 @@ def test_annotation_round_trip_and_errors(tmp_path):
         + json.dumps({"filename": "a.png", "sigma": 2.0})
         + "\n"
     )
+    from ambient_fast.data import read_annotations as strict_read_annotations
+
     with pytest.raises(AnnotationError, match="duplicate"):
-        read_annotations(tmp_path)
+        strict_read_annotations(tmp_path / "annotations.jsonl")  # the engine's reader keeps refusing
+
+
+def test_duplicate_lines_last_wins_with_one_warning(tmp_path):
+    """A rerun of the anchors' restore/annotate scripts appends: the last line per name wins, one warning."""
+    levels = np.linspace(0.05, 3.0, 16)
+    (tmp_path / "sigmas.txt").write_text("\n".join(repr(float(v)) for v in levels))
+    trajectory = np.ones((16, 2))
+    trajectory[5:] = 0.0
+    first_run = [
+        {"filename": "img00000000.png", "sigma_min": 1.2, "sigma_max": 0.0},
+        {"filename": "img00000001.png", "probabilities": trajectory.tolist()},
+        {"filename": "img00000002.png", "sigma_min": 0.0, "sigma_max": 0.0},
+    ]
+    rerun = [
+        {"filename": "img00000000.png", "sigma_min": 0.15, "sigma_max": 0.0},
+        {"filename": "img00000001.png", "annotation": 0.4},
+    ]
+    (tmp_path / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in first_run + rerun) + "\n")
+    with pytest.warns(UserWarning, match=r"2 duplicate line\(s\) \(first at line 1\)") as record:
+        got = read_annotations(tmp_path)
+    assert len(record) == 1
+    assert got == {"img00000000.png": (0.15, 0.0), "img00000001.png": (0.4, 0.0), "img00000002.png": (0.0, 0.0)}
+    # The last line may also be a raw form: the classifier line wins over an earlier fixed one.
+    (tmp_path / "annotations.jsonl").write_text("\n".join(json.dumps(x) for x in rerun + first_run[1:2]) + "\n")
+    with pytest.warns(UserWarning, match="1 duplicate"):
+        got = read_annotations(tmp_path)
+    j = math.ceil(math.log(0.55) / math.log(1 - 2 / 33)) - 1
+    assert got["img00000001.png"] == (float(np.float32(levels[min(5 + j, 15)])), 0.0)
+
+
+def test_sigmas_txt_is_read_as_float32(tmp_path):
+    """The anchors put sigmas.txt into a float32 tensor: levels are float32 values (0.1 -> 0.10000000149...)."""
+    from ambient_fast.compat import read_sigmas
+
+    (tmp_path / "sigmas.txt").write_text("0.3\n0.1\n2.5\n")
+    got = read_sigmas(tmp_path / "sigmas.txt")
+    assert got.dtype == np.float64
+    assert got.tolist() == [0.10000000149011612, 0.30000001192092896, 2.5]
+    trajectory = np.array([[1.0], [0.0], [0.0]])  # confused from the second level on
+    assert float(classifier_sigma_min(trajectory, got, ema_span=1)) == 0.30000001192092896
 
 
 # ----------------------------------------------------------------------------------------
@@ -771,12 +893,40 @@ def _levels_fixture(n: int = 200, seed: int = 0):
     return sigma_min, sigma_max
 
 
+def ref_anchor_scan(sigma_min, sigma_max, buffer, seed, rank, world, count, window_size=0.5):
+    """The anchors' InfiniteSampler scan (ANCHORS 1.2 on EDM's windowed shuffle), first ``count`` pairs.
+
+    Written from the description: shuffled order from RandomState(seed); rank takes the steps
+    congruent to it; a kept sigma until an eligible image; after each step a swap of
+    order[i] with order[(i - randint(window)) % N]. Sigmas from RandomState(seed * world + rank)."""
+    n = len(sigma_min)
+    order = list(range(n))
+    shuffle_rng = np.random.RandomState(seed)
+    shuffle_rng.shuffle(order)
+    window = int(round(n * window_size))
+    sigma_rng = np.random.RandomState(seed * world + rank)
+    sigma = math.exp(sigma_rng.normal(0, 1) * 1.2 - 1.2)
+    out, step = [], 0
+    while len(out) < count:
+        pos = step % n
+        if step % world == rank:
+            image = order[pos]
+            if sigma > sigma_min[image] * buffer or sigma < sigma_max[image]:
+                out.append((image, sigma))
+                sigma = math.exp(sigma_rng.normal(0, 1) * 1.2 - 1.2)
+        if window >= 2:
+            other = (pos - shuffle_rng.randint(window)) % n
+            order[pos], order[other] = order[other], order[pos]
+        step += 1
+    return out
+
+
 @pytest.mark.parametrize("s_max", [4.0, None])
 def test_infinite_sampler_pairs_are_eligible_and_infinite(s_max):
     from ambient_fast.compat import InfiniteSampler
 
     sigma_min, sigma_max = _levels_fixture()
-    sampler = InfiniteSampler(None, seed=3, s_max=s_max, sigma_min=sigma_min, sigma_max=sigma_max, chunk_size=64)
+    sampler = InfiniteSampler(None, seed=3, s_max=s_max, sigma_min=sigma_min, sigma_max=sigma_max)
     buffer = 1.0 if s_max is None else math.sqrt(1 + 1 / (s_max - 1))
     assert math.isclose(sampler.buffer_factor, buffer)
     it = iter(sampler)
@@ -786,27 +936,54 @@ def test_infinite_sampler_pairs_are_eligible_and_infinite(s_max):
     eligible = (sigma_min[index] == 0) | (sigma > buffer * sigma_min[index]) | (sigma < sigma_max[index])
     assert eligible.all()
     assert abs(np.log(sigma).mean() - (-1.2)) < 0.06 and abs(np.log(sigma).std() - 1.2) < 0.06  # 5000 draws: s.e. 0.017
-    again = iter(InfiniteSampler(None, seed=3, s_max=s_max, sigma_min=sigma_min, sigma_max=sigma_max, chunk_size=64))
+    again = iter(InfiniteSampler(None, seed=3, s_max=s_max, sigma_min=sigma_min, sigma_max=sigma_max))
     assert [next(again) for _ in range(300)] == pairs[:300]
 
 
-def test_infinite_sampler_ranks_draw_disjoint_slots():
+@pytest.mark.parametrize(("rank", "world"), [(0, 1), (0, 2), (1, 2), (2, 3)])
+def test_infinite_sampler_is_the_anchors_scan(rank, world):
+    """Same order, same window swaps, same skip rule, rank slots as the anchors' sampler."""
     from ambient_fast.compat import InfiniteSampler
 
-    sigma_min, sigma_max = _levels_fixture()
-    single = iter(InfiniteSampler(None, seed=1, s_max=4, sigma_min=sigma_min, sigma_max=sigma_max, chunk_size=8))
-    ranks = [
-        iter(
-            InfiniteSampler(
-                None, rank=r, num_replicas=2, seed=1, s_max=4, sigma_min=sigma_min, sigma_max=sigma_max, chunk_size=4
-            )
-        )
-        for r in range(2)
-    ]
-    global_batch = [next(single) for _ in range(8)]
-    assert [next(ranks[0]) for _ in range(4)] + [next(ranks[1]) for _ in range(4)] == global_batch
+    sigma_min, sigma_max = _levels_fixture(97)
+    sampler = InfiniteSampler(
+        None, rank=rank, num_replicas=world, seed=4, s_max=4, sigma_min=sigma_min, sigma_max=sigma_max
+    )
+    it = iter(sampler)
+    ours = [next(it) for _ in range(1500)]
+    assert ours == ref_anchor_scan(sigma_min, sigma_max, math.sqrt(4 / 3), 4, rank, world, 1500)
     with pytest.raises(ValueError, match="shuffle=False"):
         InfiniteSampler(None, shuffle=False, sigma_min=sigma_min)
+    with pytest.raises(ValueError, match="image 3"):
+        InfiniteSampler(None, sigma_min=[0.0, 0.0, 0.0, -1.0])
+
+
+def test_infinite_sampler_per_image_count_spread_is_the_scans_not_poisson():
+    """Coverage law: a scan visits each image about once per pass, so draw counts spread far less
+    than with replacement (Poisson, sd = sqrt(mean)); the window swaps keep it from being exact."""
+    from ambient_fast.compat import InfiniteSampler
+
+    n = 200
+    clean = iter(InfiniteSampler(None, seed=3, s_max=4, sigma_min=np.zeros(n)))
+    counts = np.bincount([next(clean)[0] for _ in range(40 * n)], minlength=n)
+    assert counts.mean() == 40 and 1.5 < counts.std() < 0.7 * math.sqrt(40)  # scan: sd ~3.1; Poisson: 6.3
+    sigma_min, sigma_max = _levels_fixture(n)
+    mixed = iter(InfiniteSampler(None, seed=3, s_max=4, sigma_min=sigma_min, sigma_max=sigma_max))
+    counts = np.bincount([next(mixed)[0] for _ in range(40 * n)], minlength=n)
+    always = (sigma_min == 0) & (sigma_max == 0)  # clean images: eligible at every visit
+    mean, sd = counts[always].mean(), counts[always].std()
+    assert sd < 0.7 * math.sqrt(mean)  # ~6.4 vs Poisson ~13
+
+
+def test_infinite_sampler_redraws_a_sigma_no_image_accepts():
+    """All images corrupt: the anchors' scan would loop forever on a low sigma; ours redraws it."""
+    from ambient_fast.compat import InfiniteSampler
+
+    it = iter(InfiniteSampler(None, seed=0, s_max=4, sigma_min=np.full(10, 0.5)))
+    sigmas = np.array([next(it)[1] for _ in range(300)])
+    assert (sigmas > 0.5 * math.sqrt(4 / 3)).all()
+    with pytest.raises(ValueError, match="no image is eligible"):
+        InfiniteSampler(None, s_max=4, sigma_min=np.full(10, 300.0))  # crop sentinels without sigma_max
 
 
 def test_with_sigma_dataloader_carries_sigma_with_the_item():
@@ -830,9 +1007,9 @@ def test_with_sigma_dataloader_carries_sigma_with_the_item():
             return {"image": torch.full((3, 4, 4), float(idx)), "filename": self._image_fnames[idx]}
 
     dataset = AnchorLikeDataset()
-    sampler = InfiniteSampler(dataset, seed=5, s_max=4, chunk_size=16)
+    sampler = InfiniteSampler(dataset, seed=5, s_max=4)
     loader = torch.utils.data.DataLoader(WithSigma(dataset), sampler=sampler, batch_size=8)
-    expected = iter(InfiniteSampler(dataset, seed=5, s_max=4, chunk_size=16))
+    expected = iter(InfiniteSampler(dataset, seed=5, s_max=4))
     batches = iter(loader)
     for _ in range(3):
         batch = next(batches)
@@ -878,10 +1055,10 @@ def test_open_anchor_dataset_with_raw_annotation_forms(tmp_path):
     dataset = open_anchor_dataset(tmp_path)
     assert list(dataset.keys) == names
     j = math.ceil(math.log(0.55) / math.log(1 - 2 / 33)) - 1
-    np.testing.assert_array_equal(dataset.sigma_min, [1.2, levels[min(3 + j, 15)], 300.0, 0.4, 0.0])
+    np.testing.assert_array_equal(dataset.sigma_min, [1.2, np.float32(levels[min(3 + j, 15)]), 300.0, 0.4, 0.0])
     np.testing.assert_array_equal(dataset.sigma_max, [0.0, 0.0, 0.2, 0.0, 0.0])
     assert dataset.annotation_path == str(tmp_path / "annotations.jsonl")
-    pairs = iter(InfiniteSampler(dataset, s_max=4, chunk_size=8))
+    pairs = iter(InfiniteSampler(dataset, s_max=4))
     for _ in range(200):
         index, sigma = next(pairs)
         assert (

@@ -18,11 +18,21 @@ same conversion, then hands the rest of the file to the strict reader:
 
 Precedence when a line has several forms is the anchors': probabilities, crops, scalar
 (``annotation`` before ``sigma``), fixed.
+
+As the anchors' loader (``training_loop.py`` / ``torch_utils/ambient.py::load_annotations``),
+not as the strict engine reader:
+
+- duplicate filenames (the anchors' ``restore.py`` and ``annotate.py`` open the file in
+  append mode, so a rerun repeats every name): the last line of each name wins, with one
+  warning naming the count;
+- ``sigmas.txt`` goes through a float32 tensor, so classifier levels are float32 values;
+- the confusion test is their ``(0.5 - p + epsilon) > 0`` on the float64 EMA.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -122,7 +132,7 @@ def classifier_sigma_min(
     if not np.isfinite(probs).all():
         raise ValueError("probabilities: non-finite values")
     smoothed = ewm_mean(probs, ema_span)
-    confused = smoothed < 0.5 + epsilon
+    confused = (0.5 - smoothed + epsilon) > 0  # the anchors' expression (ambient_utils.classifier)
     first = np.where(confused.any(axis=-1), confused.argmax(axis=-1), num_levels - 1)
     return levels[first]
 
@@ -144,14 +154,20 @@ def crop_sigma_max(predictions: Mapping[int, Sequence[float] | float], threshold
 
 
 def read_sigmas(path: str | Path) -> np.ndarray:
-    """The classifier levels of ``sigmas.txt`` (one float per line), float64, sorted ascending."""
+    """The classifier levels of ``sigmas.txt`` (one float per line), sorted ascending.
+
+    Read as the anchors' loader does: the parsed floats go into a float32 tensor
+    (``torch.tensor(list)``), so each level is rounded to float32; returned as float64
+    holding those float32 values (a level written as 0.1 reads as 0.10000000149011612).
+    """
     path = Path(path)
     try:
-        levels = np.array([float(token) for token in path.read_text().split()], dtype=np.float64)
+        parsed = [float(token) for token in path.read_text().split()]
     except ValueError as exc:
         raise AnnotationError(f"{path}: expected one float per line ({exc})") from None
+    levels = np.array(parsed, dtype=np.float32).astype(np.float64)
     if levels.size == 0 or not (np.isfinite(levels).all() and (levels > 0).all()):
-        raise AnnotationError(f"{path}: expected a non-empty list of finite levels > 0")
+        raise AnnotationError(f"{path}: expected a non-empty list of finite float32 levels > 0")
     return np.sort(levels)
 
 
@@ -181,8 +197,14 @@ def read_annotations(
         ``{}`` (every image clean, as the anchors).
 
     Raises:
-        AnnotationError: malformed lines, invalid values, duplicates, unknown crop sizes,
-            classifier lines without levels or with a trajectory of the wrong length.
+        AnnotationError: malformed lines, invalid values, unknown crop sizes, classifier
+            lines without levels or with a trajectory of the wrong length.
+
+    Warns:
+        UserWarning: once, with the count, when lines repeat a filename (reruns of the
+            anchors' scripts append); the last line of each filename wins, as upstream.
+            (:func:`ambient_fast.data.read_annotations`, the engine's strict reader, refuses
+            duplicates.)
     """
     sidecar, sigmas_path = _sidecar_paths(path)
     if not sidecar.exists():
@@ -191,8 +213,23 @@ def read_annotations(
     # reader validates every line (names, values, duplicates) with its own line number.
     text = sidecar.read_text(encoding="utf-8")
     lines = text.splitlines()
+    records = list(iter_annotation_records(text, str(sidecar)))
+    # The anchors' scripts append to annotations.jsonl, so reruns repeat names; their loader
+    # keeps the last line of each name (dict assignment). Drop the earlier ones, warn once.
+    last = {json.dumps(record["filename"]): lineno for lineno, record in records}
+    dropped = [lineno for lineno, record in records if last[json.dumps(record["filename"])] != lineno]
+    if dropped:
+        warnings.warn(
+            f"{sidecar}: {len(dropped)} duplicate line(s) (first at line {dropped[0]}) repeat a filename; "
+            "kept the last line of each filename, as the anchors' loader does",
+            stacklevel=2,
+        )
+        for lineno in dropped:
+            lines[lineno - 1] = ""
     trajectories: list[tuple[int, object, object]] = []
-    for lineno, record in iter_annotation_records(text, str(sidecar)):
+    for lineno, record in records:
+        if lines[lineno - 1] == "":
+            continue
         name = record["filename"]
         if "probabilities" in record:
             trajectories.append((lineno, name, record["probabilities"]))

@@ -1,26 +1,32 @@
-"""EDM's ``generate.py`` sampler, same signature and same numbers, on the engine's fused steps.
+"""EDM's ``generate.py`` sampler, same signature and same bits, on the engine's step ops.
 
 ``edm_sampler`` is EDM's Algorithm 2 (Karras et al. 2022; ANCHORS 3.1, SPEC 4) with the
-argument names and defaults of ``NVlabs/edm generate.py::edm_sampler``: float64 state,
-``t_0 = sigma_max`` ... ``t_{N-1} = sigma_min`` rho-grid then 0, levels clamped to the net's
-``sigma_min``/``sigma_max`` and passed through ``net.round_sigma`` when the net has them,
-churn, Euler then Heun except on the last step (NFE 2N - 1).
+argument names and defaults of ``NVlabs/edm generate.py::edm_sampler`` (008a4e5): float64
+state, ``t_0 = sigma_max`` ... ``t_{N-1} = sigma_min`` rho-grid then 0, levels clamped to the
+net's ``sigma_min``/``sigma_max`` and passed through ``net.round_sigma`` when the net has
+them, churn ``t_hat = t + gamma t`` with gamma in float64, Euler then Heun except on the last
+step (NFE 2N - 1).
 
-Kept from EDM (results equal up to float64 rounding, tests/test_compat.py):
+Kept from EDM (bit for bit with the default ``backend="torch"``, tests/test_compat.py):
+- the arithmetic: levels, gamma and state in float64, and the update steps are
+  :mod:`ambient_fast.core.solver_step` (the engine's reference ops), whose expression order
+  is EDM's (``d = (x - D) / t`` then ``x + (t' - t) d``);
 - the random stream: ``randn_like(x)`` is called once per step as EDM does (also when the
   step adds no noise, so ``torch.randn_like`` leaves the global RNG where EDM leaves it);
   ``exact_rng=False`` skips the unused draws (same images, faster);
 - the net call ``net(x, t, class_labels)`` with a float64 ``x`` and a 0-dim float64 ``t``
   (per-sample ``(B,)`` levels for the restorer), its output cast to the state dtype.
 
-What is faster: the elementwise updates are the engine's fused churn / Euler / Heun ops
-(``backend=``), the grid, churn factors and rounded levels are computed once on the host
+Faster: ``backend="auto"`` runs the updates as the engine's fused churn / Euler / Heun ops
+(Triton on CUDA, C++ on CPU), equal to EDM up to float64 rounding (FMA contraction, other
+operation order). Either way the grid, churn factors and rounded levels are computed once
 before the loop, and the loop never synchronises with the device.
 
 Why a loop of its own rather than :func:`ambient_fast.sample`: EDM's contract differs in
-ways that change numbers (a caller-supplied ``randn_like`` consumed every step,
-``round_sigma``, no Heun correction on the last step even when it ends above 0, as the
-restorer's ``sigma_end > 0`` grids do); the two loops share the fused step ops.
+ways that change bits (a caller-supplied ``randn_like`` consumed every step,
+``round_sigma``, ``t + gamma t`` rather than ``t (1 + gamma)``, no Heun correction on the
+last step even when it ends above 0, as the restorer's ``sigma_end > 0`` grids do); the two
+loops share the step ops.
 """
 
 from __future__ import annotations
@@ -82,11 +88,25 @@ def _round_sigma(net: Any, levels: torch.Tensor, device: torch.device) -> torch.
     return rounded.to(device="cpu", dtype=torch.float64).reshape(levels.shape)
 
 
-def _churn_levels(t_cur: torch.Tensor, num_steps: int, S_churn: float, S_min: float, S_max: float) -> torch.Tensor:
-    """``t_hat = t (1 + gamma)``, ``gamma = min(S_churn/N, sqrt(2)-1)`` inside ``[S_min, S_max]``."""
-    gamma = min(S_churn / num_steps, math.sqrt(2) - 1)
+def _churn_levels(
+    t_cur: torch.Tensor,
+    num_steps: int,
+    S_churn: float,
+    S_min: float,
+    S_max: float,
+    *,
+    gamma_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Churned levels ``t_hat = t + gamma t`` (float64), ``gamma = min(S_churn/N, sqrt(2)-1)`` in ``[S_min, S_max]``.
+
+    ``gamma_dtype=float64`` is EDM's ``generate.py`` (a Python float times a float64 level);
+    ``float32`` is Dataloops' ``restore.py``, whose ``torch.where(..., gamma, 0.0)`` rounds
+    gamma to float32 before the float64 product. Same expression order as both.
+    """
+    gamma = torch.tensor(min(S_churn / num_steps, math.sqrt(2) - 1), dtype=gamma_dtype, device=t_cur.device)
     in_range = (S_min <= t_cur) & (t_cur <= S_max)
-    return t_cur + torch.where(in_range, gamma, 0.0) * t_cur
+    gamma = torch.where(in_range, gamma, torch.zeros_like(gamma)).to(torch.float64)
+    return t_cur + gamma * t_cur
 
 
 @torch.no_grad()
@@ -101,7 +121,7 @@ def heun_loop(
     S_noise: float = 1.0,
     per_sample_levels: bool = False,
     exact_rng: bool = True,
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> torch.Tensor:
     """EDM's stochastic Heun loop over host tables of levels (SPEC 4).
 
@@ -115,7 +135,7 @@ def heun_loop(
             ``exact_rng`` is False).
         S_noise: churn noise inflation.
         per_sample_levels: pass ``(B,)`` levels to ``net``; otherwise a 0-dim level (row 0).
-        backend: fused-step backend.
+        backend: step ops: ``"torch"`` (reference, EDM's bits) or a fused backend.
 
     Returns:
         ``(B, ...)`` final state. Heun's correction runs on every step but the last, as EDM.
@@ -163,7 +183,7 @@ def edm_sampler(
     *,
     state_dtype: torch.dtype = torch.float64,
     exact_rng: bool = True,
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> torch.Tensor:
     """EDM ``generate.py::edm_sampler`` (Algorithm 2), same arguments and defaults.
 
@@ -177,7 +197,8 @@ def edm_sampler(
         S_churn, S_min, S_max, S_noise: EDM churn (``S_churn = 0``: deterministic Heun).
         state_dtype: sampler state dtype; float64 as EDM (float32 is faster, not EDM's numbers).
         exact_rng: draw ``randn_like`` on every step as EDM does (see module docstring).
-        backend: fused-step backend (``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"``).
+        backend: step ops: ``"torch"`` (the reference ops, EDM's bits), or the fused
+            ``"auto"``, ``"triton"``, ``"cpp"`` (equal up to float64 rounding, faster).
 
     Returns:
         ``(B, ...)`` samples in ``state_dtype`` (EDM returns float64).

@@ -47,6 +47,7 @@ __all__ = [
     "SigmaLogVariance",
     "EDMAmbientLoss",
     "AmbientEDMLoss",
+    "LossTerms",
 ]
 
 SigmaTnRule = Literal["dataloops", "omni", "edm2"]
@@ -202,11 +203,20 @@ class SigmaLogVariance(nn.Module):
         return self.head(torch.cos(angle) * math.sqrt(2.0)).reshape(-1)
 
 
-class _Terms(NamedTuple):
+class LossTerms(NamedTuple):
+    """One batch's loss and the tensors the anchors' training loop keeps for its logs.
+
+    ``loss``: ``(B, ...)`` per element or ``(B,)`` per sample; ``x0_pred``: ``(B, ...)`` the
+    network's x0 estimate; ``sigma``: ``(B, 1, ..., 1)`` training levels; ``x_t``: ``(B, ...)``
+    the network input (the anchors' ``noisy_input``); ``x_tn``: ``(B, ...)`` the sample at its
+    nature level.
+    """
+
     loss: torch.Tensor
-    denoised: torch.Tensor
+    x0_pred: torch.Tensor
     sigma: torch.Tensor
     x_t: torch.Tensor
+    x_tn: torch.Tensor
 
 
 class _AmbientLossBase(nn.Module):
@@ -243,7 +253,7 @@ class _AmbientLossBase(nn.Module):
         sigma_tn: torch.Tensor,
         labels: Any,
         augment_labels: Any,
-    ) -> _Terms:
+    ) -> LossTerms:
         view = (-1,) + (1,) * (x_t.dim() - 1)
         sigma_net = sigma.reshape(view)
         kwargs: dict[str, Any] = {} if augment_labels is None else {"augment_labels": augment_labels}
@@ -278,7 +288,7 @@ class _AmbientLossBase(nn.Module):
                 lv = logvar.to(per_sample.dtype)
                 per_sample = per_sample / lv.exp() + lv
             loss = per_sample * numel
-        return _Terms(loss, denoised, sigma_net, x_t)
+        return LossTerms(loss, denoised, sigma_net, x_t, x_tn)
 
 
 def _fresh_normal(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -301,7 +311,9 @@ class EDMAmbientLoss(_AmbientLossBase):
     ``net(x, sigma, labels[, augment_labels=...])`` is called as EDM does: ``sigma`` shaped
     ``(B, 1, ..., 1)``; ``augment_labels`` only when an ``augment_pipe`` gives them; with
     ``uncertainty="net"`` the net is called with ``return_logvar=True`` (EDM2) and returns
-    ``(D, logvar)``.
+    ``(D, logvar)``. ``stored_noisy=True`` is the anchors' ``/npy`` case (``add_noise=False``):
+    the images already are ``x_tn``, so no nature noise is added (``noise``/``sample_ids``
+    are not needed) while ``sigma_tn`` still follows the rule.
     """
 
     def __init__(
@@ -314,6 +326,7 @@ class EDMAmbientLoss(_AmbientLossBase):
         reduction: Reduction = "none",  # "none" = (B,C,H,W) EDM; "per_sample" = (B,) fused
         uncertainty: SigmaLogVariance | Literal["net"] | None = None,  # EDM2 weighting
         noise_seed: int = 0,  # run seed of the frozen noise when sample_ids are given
+        stored_noisy: bool = False,  # images are already x_tn (the anchors' /npy datasets): add no nature noise
         backend: str = "auto",  # fused-op backend of reduction="per_sample"
         validate: bool = True,  # eager input checks of the fused op (host sync)
     ) -> None:
@@ -325,6 +338,7 @@ class EDMAmbientLoss(_AmbientLossBase):
         self.P_mean, self.P_std = float(P_mean), float(P_std)
         self.sigma_tn_rule: SigmaTnRule = sigma_tn_rule
         self.noise_seed = int(noise_seed)
+        self.stored_noisy = bool(stored_noisy)
 
     def forward(
         self,
@@ -357,23 +371,39 @@ class EDMAmbientLoss(_AmbientLossBase):
                 required with ``sigma_min``.
             generator: for the sigma draw and the fresh noise ``z`` (None = global RNG, as EDM).
         """
-        return self._terms(
-            net, images, labels, augment_pipe, sigma, sigma_min, sigma_max, noise, sample_ids, generator
+        return self.terms(
+            net,
+            images,
+            labels,
+            augment_pipe,
+            sigma=sigma,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            noise=noise,
+            sample_ids=sample_ids,
+            generator=generator,
         ).loss
 
-    def _terms(
+    def terms(
         self,
         net: Callable[..., Any],
         images: torch.Tensor,
-        labels: Any,
-        augment_pipe: Callable[[torch.Tensor], tuple[torch.Tensor, Any]] | None,
-        sigma: torch.Tensor | None,
-        sigma_min: torch.Tensor | None,
-        sigma_max: torch.Tensor | None,
-        noise: torch.Tensor | None,
-        sample_ids: torch.Tensor | None,
-        generator: torch.Generator | None,
-    ) -> _Terms:
+        labels: Any = None,
+        augment_pipe: Callable[[torch.Tensor], tuple[torch.Tensor, Any]] | None = None,
+        *,
+        sigma: torch.Tensor | None = None,
+        sigma_min: torch.Tensor | None = None,
+        sigma_max: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        sample_ids: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossTerms:
+        """:meth:`forward`'s loss with the loop's logged tensors: ``(loss, x0_pred, sigma, x_t, x_tn)``.
+
+        Same arguments as :meth:`forward`. The anchors' loop body becomes
+        ``loss, x0_pred, sigma, noisy_input, x_tn = loss_fn.terms(...)``, so its image logs
+        and per-bucket statistics keep their inputs (see ``docs/switching_from_edm.md``).
+        """
         batch = images.shape[0]
         view = (-1,) + (1,) * (images.dim() - 1)
         # Draw the noise level (EDM: a (B,1,1,1) normal before anything else).
@@ -392,7 +422,9 @@ class EDMAmbientLoss(_AmbientLossBase):
             sigma_tn = nature_sigma(
                 sigma, sigma_min.to(y.device), None if sigma_max is None else sigma_max.to(y.device), self.sigma_tn_rule
             )
-            if noise is not None:
+            if self.stored_noisy:  # the anchors' add_noise=False: the stored sample is x_tn
+                nature = torch.zeros_like(y)
+            elif noise is not None:
                 nature = noise.to(device=y.device, dtype=y.dtype)
             elif sample_ids is not None:
                 seeds = derive_seeds(sample_ids.to(y.device), self.noise_seed)
@@ -453,4 +485,4 @@ class AmbientEDMLoss(_AmbientLossBase):
         sm = _per_sample("sigma_tn", sigma_tn, batch).to(device=x_tn.device, dtype=x_tn.dtype)
         extra = torch.sqrt(torch.clamp(s * s - sm * sm, min=0))
         x_t = x_tn + _fresh_normal(x_tn, generator) * extra.reshape(view)
-        return tuple(self._evaluate(net, x_t, x_tn, s, sm, labels, augment_labels))  # type: ignore[return-value]
+        return tuple(self._evaluate(net, x_t, x_tn, s, sm, labels, augment_labels)[:4])  # type: ignore[return-value]

@@ -33,7 +33,7 @@ def euler_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sig
     """Euler update from ``sigma`` to ``sigma_next`` (SPEC 4); ``sigma > 0``. Returns ``x``'s dtype."""
     dt, (s, sn) = _prep(x, sigma, sigma_next)
     xf = x.to(dt)
-    return (xf + (sn - s) * (xf - denoised.to(dt)) / s).to(x.dtype)
+    return (xf + (sn - s) * ((xf - denoised.to(dt)) / s)).to(x.dtype)  # EDM's order: d = (x - D)/sigma first
 
 
 def heun_step(

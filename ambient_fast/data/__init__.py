@@ -8,7 +8,9 @@ Reading [2]
     default_sigma_max=0.0) -> Dataset``
         Auto-detects ``"folder"`` (EDM/StyleGAN images + ``dataset.json``), ``"zip"``,
         ``"webdataset"`` (``*.tar`` shards: ``key.png|jpg``, ``key.txt``, ``key.json``,
-        ``key.cls``) and ``"tensors"`` (``.npy`` / ``.safetensors``, e.g. ``(N, L, 3)``).
+        ``key.cls``), ``"tensors"`` (``.npy`` / ``.safetensors``, e.g. ``(N, L, 3)``) and
+        ``"npy"`` (the anchors' stored-noise ``.../npy`` folders: one float CHW ``.npy`` per
+        sample, already noisy at its sigma_min, ``dataset.stored_noisy``).
         ``Dataset``: ``len``, ``keys`` (stable), ``sigma_min`` / ``sigma_max`` (float64
         ``(N,)``), ``labels``, ``format``, ``read(i) -> Sample``, ``describe(i)``; image
         datasets add ``read_bytes(i)``, ``decode(i)``, ``sample_shape``, ``channels`` and

@@ -22,6 +22,15 @@ Formats (``Dataset.format``):
   ``<stem>.keys.json`` when present, else ``"<shard file>/<row:08d>"``. Floating arrays are
   in model units; ``uint8`` ``(n, C, H, W)`` arrays are images (normalised by the loaders).
 
+- ``"npy"``: the anchors' stored-noise datasets: an EDM folder whose path ends in ``/npy``
+  (or a version whose manifest says ``"npy"``) holding one ``.npy`` float array per sample
+  (any depth, e.g. ``00000/img00000000.npy``), CHW, in model units (not normalised), and
+  *already noisy at the sample's sigma_min* (``Dataset.stored_noisy``: training adds no
+  nature noise, restoration starts from the sample without fresh noise). Read as tensor
+  rows (:class:`NpyFolderDataset` is a ``TensorDataset``); each file is checked when read
+  (no pickles or object arrays, float dtype, ``(C, H, W)`` of the first file's shape, finite
+  values), errors name the file.
+
 A *dataset version* written by :class:`~ambient_fast.data.DatasetWriter` is a folder with a
 ``manifest.json`` naming its format (for zip versions the folder holds ``dataset.zip``).
 
@@ -32,6 +41,7 @@ inside the root; nothing here writes anywhere.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tarfile
@@ -55,7 +65,7 @@ from ._io import (
 from .annotations import SIDECAR_NAME, join_annotations, parse_annotations
 from .errors import BadSampleError, DatasetError, DatasetFormatError, UnsafePathError
 
-__all__ = ["Dataset", "Sample", "open_dataset", "size_problem", "MANIFEST_NAME", "INFO_NAME"]
+__all__ = ["Dataset", "NpyFolderDataset", "Sample", "open_dataset", "size_problem", "MANIFEST_NAME", "INFO_NAME"]
 
 MANIFEST_NAME = "manifest.json"
 INFO_NAME = "dataset.json"
@@ -331,7 +341,9 @@ class Dataset:
 
     Attributes:
         root: the path given (folder, ``.zip``, ``.tar``, or tensor file).
-        format: ``"folder" | "zip" | "webdataset" | "tensors"``.
+        format: ``"folder" | "zip" | "webdataset" | "tensors" | "npy"``.
+        stored_noisy: True when samples are stored already noisy at their sigma_min
+            (``"npy"``, the anchors' ``/npy`` datasets).
         keys: tuple of N stable sample keys (the sidecar's ``filename`` values).
         sigma_min, sigma_max: float64 ``(N,)`` annotation arrays.
         labels: int64 ``(N,)``, float32 ``(N, L)``, or None.
@@ -344,6 +356,7 @@ class Dataset:
 
     format: str
     is_image: bool
+    stored_noisy: bool = False  # samples are stored already noisy at their sigma_min (format "npy")
 
     def __init__(self, root: Path, keys: list[str], info: dict, info_where: str):
         self.root = root
@@ -778,6 +791,69 @@ class TensorDataset(Dataset):
         )
 
 
+def _load_npy_sample(data: bytes, where: str) -> np.ndarray:
+    """One stored-noise sample: a float ``(C, H, W)`` array with finite values, or BadSampleError."""
+    try:
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # pickles and object arrays are refused here
+        raise BadSampleError(where, f"not a plain .npy array ({exc})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
+        raise BadSampleError(where, f"expected a float array, got {getattr(array, 'dtype', type(array).__name__)}")
+    if array.ndim != 3:
+        raise BadSampleError(where, f"expected a (C, H, W) array, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise BadSampleError(where, f"{int(np.count_nonzero(~np.isfinite(array)))} non-finite values")
+    return array
+
+
+class NpyFolderDataset(TensorDataset):
+    """The anchors' ``/npy`` folders: one float ``(C, H, W)`` ``.npy`` per sample, stored noisy (``format == "npy"``).
+
+    Keys are the ``.npy`` paths relative to the root, sorted (EDM's order); ``dataset.json``
+    and ``annotations.jsonl`` sit at the root. ``row(i)`` reads and checks file ``i``
+    (:class:`BadSampleError` naming it); all samples must share the first one's shape and
+    dtype. Samples are in model units and already noisy at their ``sigma_min``
+    (``stored_noisy``), as the anchors' ``train.py`` / ``restore.py`` treat a path ending in
+    ``/npy`` (``normalize=False``, no noise added).
+    """
+
+    format = "npy"
+    stored_noisy = True
+
+    def __init__(self, root: Path, *, sidecar_override: Path | None, default):
+        self._source = _FolderSource(root)
+        keys = [n for n in self._source.list_files() if file_ext(n) == ".npy"]
+        info_where = self._source.describe(INFO_NAME)
+        info_raw = self._source.read(INFO_NAME) if self._source.has(INFO_NAME) else None
+        Dataset.__init__(self, root, keys, _parse_info(info_raw, info_where), info_where)
+        if sidecar_override is not None:
+            sidecar, where = sidecar_override.read_bytes(), str(sidecar_override)
+        elif self._source.has(SIDECAR_NAME):
+            sidecar, where = self._source.read(SIDECAR_NAME), self._source.describe(SIDECAR_NAME)
+        else:
+            sidecar, where = None, self._source.describe(SIDECAR_NAME)
+        self._join(sidecar, where, default if default is not None else _annotation_default(self.info, info_where))
+        try:
+            first = _load_npy_sample(self._source.read(self.keys[0]), self.describe(0))
+        except BadSampleError as exc:
+            raise DatasetFormatError(f"{root}: the first sample sets the dataset's shape and dtype: {exc}") from None
+        self.sample_shape, self.dtype = tuple(first.shape), first.dtype
+
+    def describe(self, i: int) -> str:
+        return self._source.describe(self.keys[i])
+
+    def row(self, i: int) -> np.ndarray:
+        """Sample ``i``'s stored array ``(C, H, W)`` in its float dtype, checked (see the class)."""
+        i = self._check_index(i)
+        where = self.describe(i)
+        array = _load_npy_sample(self._source.read(self.keys[i]), where)
+        if array.shape != self.sample_shape or array.dtype != self.dtype:
+            raise BadSampleError(
+                where, f"array {array.shape} {array.dtype} differs from the dataset's {self.sample_shape} {self.dtype}"
+            )
+        return array
+
+
 def _shards(root: Path, extensions: tuple[str, ...]) -> list[Path]:
     return sorted(
         p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in extensions
@@ -799,9 +875,11 @@ def _detect(root: Path) -> str:
     manifest = root / MANIFEST_NAME
     if manifest.is_file():
         fmt = _parse_info(manifest.read_bytes(), str(manifest)).get("format")
-        if fmt not in ("folder", "zip", "webdataset", "tensors"):
+        if fmt not in ("folder", "zip", "webdataset", "tensors", "npy"):
             raise DatasetFormatError(f"{manifest}: unknown format {fmt!r}")
         return fmt
+    if root.name == "npy":  # the anchors' convention: a path ending in /npy holds stored-noise arrays
+        return "npy"
     if _shards(root, (".tar",)):
         return "webdataset"
     if _shards(root, TENSOR_EXTENSIONS):
@@ -822,7 +900,7 @@ def open_dataset(
     Args:
         path: a folder (images, tar shards, tensor shards, or a written version), a
             ``.zip``, a ``.tar`` shard, or a ``.npy`` / ``.safetensors`` file.
-        format: force ``"folder" | "zip" | "webdataset" | "tensors"``.
+        format: force ``"folder" | "zip" | "webdataset" | "tensors" | "npy"``.
         annotations: a sidecar to use instead of the dataset's own ``annotations.jsonl``.
         default_sigma_min, default_sigma_max: per-dataset default for samples the sidecar
             does not list (overrides ``dataset.json`` ``annotation_default``). Without any
@@ -871,7 +949,11 @@ def open_dataset(
         if not shards:
             raise DatasetFormatError(f"{root}: no .npy or .safetensors shards found")
         dataset = TensorDataset(root, shards, sidecar_override=sidecar, default=default)
+    elif fmt == "npy":
+        if not root.is_dir():
+            raise DatasetFormatError(f"{root}: format 'npy' needs a directory of per-sample .npy files")
+        dataset = NpyFolderDataset(root, sidecar_override=sidecar, default=default)
     else:
-        raise ValueError(f"format must be 'folder', 'zip', 'webdataset' or 'tensors', got {format!r}")
+        raise ValueError(f"format must be 'folder', 'zip', 'webdataset', 'tensors' or 'npy', got {format!r}")
     dataset.manifest = manifest
     return dataset

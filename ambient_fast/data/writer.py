@@ -25,6 +25,8 @@ Layout per format (``k`` = chunk number):
   unchanged). Tar headers are deterministic (mtime 0, uid/gid 0, mode 0644, ustar).
 - ``tensors``: ``root/part-{k:06d}.safetensors`` (tensor ``"data"``, keys in metadata), or
   ``.npy`` + ``part-k.keys.json`` with ``tensor_container="npy"``.
+- ``npy``: ``root/<key>.npy``, one float ``(C, H, W)`` array per sample (the anchors'
+  stored-noise ``/npy`` folders; samples are taken as already noisy at their sigma_min).
 
 Atomicity and resumption: every file is written to a temporary name in its destination
 folder, fsynced and renamed; a chunk is *committed* when its record
@@ -79,7 +81,7 @@ __all__ = ["DatasetWriter", "verify_version", "write_dataset", "parent_record", 
 
 log = logging.getLogger("ambient_fast.data")
 
-FORMATS = ("folder", "zip", "webdataset", "tensors")
+FORMATS = ("folder", "zip", "webdataset", "tensors", "npy")
 STAGING = ".chunks"
 MANIFEST_KIND = "ambient_fast.dataset_version"
 _TAR_FORMAT = tarfile.USTAR_FORMAT  # the plainest tar dialect: every WebDataset reader (DALI's too) takes it
@@ -247,6 +249,10 @@ class DatasetWriter:
             if any(part.startswith(".") for part in key.split("/")):
                 raise DatasetError(f"sample key {key!r}: hidden names (leading '.') are not allowed")
             return key if file_ext(key) in IMAGE_EXTENSIONS else key + self.image_ext
+        if self.format == "npy":
+            if key in (INFO_NAME, SIDECAR_NAME, MANIFEST_NAME) or any(part.startswith(".") for part in key.split("/")):
+                raise DatasetError(f"sample key {key!r}: a reserved or hidden name")
+            return key if file_ext(key) == ".npy" else key + ".npy"
         if self.format == "webdataset":
             base = key.rsplit("/", 1)[-1]
             if "." in base or base.startswith("."):
@@ -314,7 +320,7 @@ class DatasetWriter:
             "files": files,
             "note": dict(note or {}),
         }
-        if self.format == "tensors" and samples:
+        if self.format in ("tensors", "npy") and samples:
             record["row_shape"], record["dtype"] = list(self._tensor_layout[0]), self._tensor_layout[1]
         atomic_write_bytes(self._staging / f"chunk-{chunk:06d}.json", _json_bytes(record, "chunk record"))
         self._records[chunk] = record
@@ -415,6 +421,27 @@ class DatasetWriter:
             atomic_write_bytes(self.root / f"{stem}.npy", buffer.getvalue())
             files[f"{stem}.keys.json"] = {"sha256": sha256_bytes(key_bytes), "bytes": len(key_bytes)}
             files[f"{stem}.npy"] = {"sha256": sha256_bytes(buffer.getvalue()), "bytes": len(buffer.getvalue())}
+        return files
+
+    def _write_npy(self, chunk: int, keys: list[str], samples: Sequence[Sample]) -> dict:
+        """One ``<key>.npy`` per sample: float ``(C, H, W)``, finite, the version's one shape and dtype."""
+        files = {}
+        for key, s in zip(keys, samples, strict=True):
+            row = None if s.array is None else np.asarray(s.array)
+            if row is None or row.dtype.kind != "f" or row.ndim != 3 or not np.isfinite(row).all():
+                raise DatasetFormatError(f"sample {key!r}: the npy format needs a finite float (C, H, W) array")
+            layout = self._tensor_layout or (row.shape, row.dtype.str)
+            if (row.shape, row.dtype.str) != tuple(layout):
+                raise DatasetFormatError(
+                    f"sample {key!r}: array {row.shape} {row.dtype} differs from this version's "
+                    f"{layout[0]} {np.dtype(layout[1])}"
+                )
+            self._tensor_layout = (tuple(layout[0]), layout[1])
+            buffer = io.BytesIO()
+            np.save(buffer, np.ascontiguousarray(row), allow_pickle=False)
+            atomic_write_bytes(self.root / key, buffer.getvalue(), durable=False)
+            files[key] = {"sha256": sha256_bytes(buffer.getvalue()), "bytes": len(buffer.getvalue())}
+        sync_filesystem(self.root)  # one flush for the chunk, before its record commits it
         return files
 
     # -- closing --------------------------------------------------------------------------

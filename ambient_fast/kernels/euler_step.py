@@ -60,13 +60,13 @@ def _euler_step_fwd_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_COLS: tl.constexpr,
 ):
-    """``x' = x + (sigma_next - sigma) (x - D) / sigma``."""
+    """``x' = x + (sigma_next - sigma) ((x - D) / sigma)`` (EDM's order: the slope first)."""
     rows, cols, row_ok, mask = tile_indices(n_rows, n_cols, BLOCK_ROWS, BLOCK_COLS)
     s = load_rows(sigma_ptr, rows, stride_sigma, row_ok, FP64)[:, None]
     s_next = load_rows(sigma_next_ptr, rows, stride_sigma_next, row_ok, FP64)[:, None]
     x = load_tile(x_ptr, rows, cols, stride_x, mask, FP64)
     denoised = load_tile(denoised_ptr, rows, cols, stride_denoised, mask, FP64)
-    store_tile(out_ptr, rows, cols, stride_out, mask, x + div_rn((s_next - s) * (x - denoised), s))
+    store_tile(out_ptr, rows, cols, stride_out, mask, x + (s_next - s) * div_rn(x - denoised, s))
 
 
 def euler_step_fwd(out, x, denoised, sigma, sigma_next, *, max_block: int = MAX_BLOCK) -> None:
