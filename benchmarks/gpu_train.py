@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         __doc__.splitlines()[0], argv, batch=(int, 512, "training batch"), repeats=(int, 10, "timed rounds")
     )
     import torch
+    import torch._inductor.config
     from bench_compat import anchor_training_loss, make_net, time_variants, training_batch
 
     from ambient_fast.compat import EDMAmbientLoss
 
+    # Compiled graphs draw their noise with torch's generator, as eager does: same seed, same numbers.
+    torch._inductor.config.fallback_random = True
     cuda = torch.cuda.is_available() and not args.dry_run
     device = torch.device("cuda" if cuda else "cpu")
     preset, batch, repeats, warmup = ("unet-cifar10", args.batch, args.repeats, 3) if cuda else ("unet-tiny", 4, 1, 1)

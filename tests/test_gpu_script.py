@@ -37,6 +37,7 @@ def _stages(out: Path) -> dict[str, dict]:
     return {s["name"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
 
 
+@pytest.mark.slow  # about 40 s on 2 idle cores (a tiny training step, one kernel launch of each)
 def test_dry_run_writes_results_and_skips_what_is_missing(tmp_path: Path) -> None:
     """The GPU image has neither DALI nor diffusers: shadow both so that they fail to import."""
     shadow = tmp_path / "shadow"
