@@ -78,4 +78,6 @@ fi
 cd - >/dev/null
 PYTHONPATH="$store/site${PYTHONPATH:+:$PYTHONPATH}" "$py" -c "import nvidia.dali as d; print('DALI', d.__version__)" || exit 1
 export AMBIENT_DALI_STORE=$store
+# nvJPEG came as a wheel too: its library is where the image's loader may not look.
+export LD_LIBRARY_PATH="$store/site/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 exec "$py" benchmarks/gpu_run.py bench "$outdir" --only dali "${dry[@]}" "$@"
