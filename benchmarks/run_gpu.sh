@@ -27,7 +27,7 @@ dry=()
 case ${1:-} in check|bench|all|dali-part) mode=$1; shift ;; esac
 if [[ ${1:-} == --dry-run ]]; then dry=(--dry-run); shift; fi
 if [[ $# -lt 1 || ${1:-} == -* ]]; then
-    sed -n '2,21p' "$0" >&2
+    sed -n '2,20p' "$0" >&2
     exit 2
 fi
 outdir=$1
