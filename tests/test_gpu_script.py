@@ -40,7 +40,7 @@ def _stages(out: Path) -> dict[str, dict]:
     return {s["name"]: s for s in json.loads((out / "summary.json").read_text())["stages"]}
 
 
-@pytest.mark.slow  # about 40 s on 2 idle cores (a tiny training step, one kernel launch of each)
+@pytest.mark.slow  # about a minute on 2 idle cores (tiny networks; one launch of each kernel)
 def test_dry_run_writes_results_and_skips_what_is_missing(tmp_path: Path) -> None:
     """The GPU image has neither DALI nor diffusers: shadow both so that they fail to import."""
     shadow = tmp_path / "shadow"
@@ -50,7 +50,7 @@ def test_dry_run_writes_results_and_skips_what_is_missing(tmp_path: Path) -> Non
     (shadow / "nvidia" / "__init__.py").write_text("")
     out = tmp_path / "out"
     env = _env(PYTHONPATH=f"{shadow}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    only = "sanitizer,train,dali,latent,kernel_tests"
+    only = "sanitizer,graph_check,restore,train,dali,latent,kernel_tests"
     result = subprocess.run(
         ["bash", str(SCRIPT), "all", "--dry-run", str(out), "--only", only, "--budget", "300"],
         env=env,
@@ -61,10 +61,11 @@ def test_dry_run_writes_results_and_skips_what_is_missing(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["results.md", "stages.tar.gz", "summary.json", "summary.md"]
     stages = _stages(out)
-    assert [s for s in stages] == ["install", "env", "sanitizer", "train", "kernel_tests", "dali", "latent"]
+    order = ["install", "env", "sanitizer", "graph_check", "restore", "train", "kernel_tests", "dali", "latent"]
+    assert list(stages) == order
     assert stages["install"] == {**stages["install"], "status": "skipped", "reason": "GPU only (dry run)"}
     assert stages["kernel_tests"]["status"] == "skipped"
-    for name in ("env", "sanitizer", "train"):
+    for name in ("env", "sanitizer", "graph_check", "restore", "train"):
         assert stages[name]["status"] == "passed", stages[name]
     assert stages["dali"]["status"] == "skipped" and "nvidia.dali not importable" in stages["dali"]["reason"]
     assert stages["latent"]["status"] == "skipped" and "diffusers not importable" in stages["latent"]["reason"]
@@ -72,12 +73,13 @@ def test_dry_run_writes_results_and_skips_what_is_missing(tmp_path: Path) -> Non
     with tarfile.open(out / "stages.tar.gz") as tar:
         names = set(tar.getnames())
         sanitizer = json.load(tar.extractfile("stages/sanitizer.json"))
-    assert {"stages/env.json", "stages/train.json", "stages/sanitizer.log"} <= names
+    assert {"stages/env.json", "stages/train.json", "stages/restore.json", "stages/sanitizer.log"} <= names
     assert sanitizer["rows"] and all(row["ok"] for row in sanitizer["rows"])
     calls = {row["call"] for row in sanitizer["rows"]}
     assert calls == {"ambient_loss fwd", "ambient_loss bwd", "sample stochastic", "sample sde"}
     results = (out / "results.md").read_text()
-    assert "Training step" in results and "One launch per kernel" in results
+    for title in ("Training step", "One launch per kernel", "Restoration", "CUDA-graph restoration vs eager"):
+        assert title in results
     assert "| dali | bench | skipped |" in (out / "summary.md").read_text()
 
 
