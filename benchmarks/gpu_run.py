@@ -276,6 +276,8 @@ class Runner:
             self.run_stage(stage)
             self.refresh()
         failed = [s.name for s in self.stages if s.result.get("status") in ("failed", "timeout")]
+        # Last in the output: the device tool returns only the output's tail.
+        print("\n" + (self.args.outdir / "summary.md").read_text(), flush=True)
         print(
             f"=== done in {self.elapsed():.0f} s; failed: {failed or 'none'}; results in {self.args.outdir}", flush=True
         )
@@ -313,6 +315,9 @@ class Runner:
         began = time.monotonic()
         status, rc = self.execute(command, self.ctx.work / f"{stage.name}.log", limit, stage.env)
         result.update(status=status, rc=rc, seconds=round(time.monotonic() - began, 1))
+        if status != "passed":  # the log's last words, for triage from the summary alone
+            lines = [ln for ln in (self.ctx.work / f"{stage.name}.log").read_text(errors="replace").splitlines() if ln]
+            result["reason"] = f"rc {rc}: {lines[-1][:200] if lines else '(no output)'}"
         junit = self.ctx.work / f"{stage.name}.xml"
         if junit.exists():
             result["tests"] = junit_counts(junit)
