@@ -226,6 +226,14 @@ STAGES = [
         needs=("module:diffusers", "cuda"),
         notes="latent restoration (bench_latent.py)",
     ),
+    Stage(
+        "compat",
+        "bench",
+        120,
+        lambda c: [c.python, str(BENCH / "bench_compat.py"), "--gpu", "--write", str(c.work / "compat.md")],
+        needs=("cuda",),
+        notes="compat layer vs anchor-style EDM training step and sampler (bench_compat.py --gpu)",
+    ),
 ]
 GROUPS = {"check": ("setup", "check"), "bench": ("setup", "bench"), "all": ("setup", "check", "bench")}
 
