@@ -2,7 +2,7 @@
 
 A version is **stored noisy** when its corrupt samples already *are* Gaussian samples at
 their annotated ``sigma_min``: an unclipped ``noise`` corruption (``corrupt_dataset``, the
-demo's noise data), or a restoration stopped at ``sigma_out > 0`` (its stored states are
+demo's noise data), the anchors' ``/npy`` folders (``Dataset.stored_noisy``), or a restoration stopped at ``sigma_out > 0`` (its stored states are
 noisy at ``sigma_out``). For such data:
 
 - training adds no noise of its own (``nature_noise="stored"``: ``y_tmin = y0``);
@@ -39,7 +39,10 @@ def stored_noise_reason(data: str | os.PathLike | dict[str, Any] | None) -> str 
     else:
         from .dataset import open_dataset
 
-        manifest = open_dataset(data).manifest or {}
+        dataset = open_dataset(data)
+        if dataset.stored_noisy:
+            return f"it is a stored-noise {dataset.format} dataset (the anchors' /npy folders: samples already noisy)"
+        manifest = dataset.manifest or {}
     corruption = manifest.get("corruption") or {}
     if corruption.get("kind") == "noise" and not corruption.get("clipped", True):
         std = (corruption.get("params") or {}).get("std")
