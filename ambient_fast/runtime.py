@@ -36,6 +36,7 @@ __all__ = [
     "append_jsonl",
     "atomic_write",
     "check_unchanged",
+    "describe_changes",
     "init_runtime",
     "next_run_dir",
     "print0",
@@ -299,22 +300,38 @@ class ArgumentsChanged(ValueError):
     """A resumed run was given arguments that differ from the ones it was started with."""
 
 
-def check_unchanged(
-    saved: Mapping[str, Any], current: Mapping[str, Any], *, may_change: Iterable[str] = (), where: str
-) -> None:
-    """Refuse to continue ``where`` when an argument differs from the saved run's.
+def describe_changes(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    *,
+    may_change: Iterable[str] = (),
+    label: Callable[[str], str] = str,
+) -> list[str]:
+    """One ``"<label(name)>: was A, now B"`` line per argument that differs, sorted by name.
 
-    Both mappings are compared as they read back from JSON (tuples and lists alike).
-    Keys in ``may_change`` (training length, progress, device, ...) are not compared.
-
-    Raises:
-        ArgumentsChanged: naming every differing argument, ``name: saved -> current``.
+    Both mappings are compared as they read back from JSON (tuples and lists alike); keys in
+    ``may_change`` (training length, progress, device, ...) are not compared.
     """
     skip = set(may_change)
     old, new = to_json_value(dict(saved)), to_json_value(dict(current))
-    changed = sorted(k for k in set(old) | set(new) if k not in skip and old.get(k) != new.get(k))
-    if changed:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    return [
+        f"{label(k)}: was {old.get(k, '<unset>')!r}, now {new.get(k, '<unset>')!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in skip and old.get(k) != new.get(k)
+    ]
+
+
+def check_unchanged(
+    saved: Mapping[str, Any], current: Mapping[str, Any], *, may_change: Iterable[str] = (), where: str
+) -> None:
+    """Refuse to continue ``where`` when an argument differs from the saved run's
+    (compared as :func:`describe_changes` does).
+
+    Raises:
+        ArgumentsChanged: naming every differing argument, ``name: was A, now B``.
+    """
+    changes = describe_changes(saved, current, may_change=may_change)
+    if changes:
         raise ArgumentsChanged(
-            f"cannot resume {where}: options differ from the saved run ({diffs}); use a new run folder"
+            f"cannot resume {where}: options differ from the saved run ({'; '.join(changes)}); use a new run folder"
         )

@@ -260,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--diffusers", type=Path, default=None, metavar="DIR", help="local diffusers pipeline folder")
     t.add_argument(
         "--guidance-scale",
-        type=_float_at_least(0.0),
+        type=number(float, at_least=0.0),
         default=3.5,
         help="classifier-free guidance scale (anchors: 3.5; 1 = no guidance) (default: %(default)s)",
     )

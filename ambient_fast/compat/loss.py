@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..core.coefficients import ambient_coefficients
-from ..loss import ambient_loss
 from ..core.noise import STREAM_NATURE, derive_seeds, sample_normal
 from ..core.schedules import EDM_P_MEAN, EDM_P_STD, SIGMA_DATA, lambda_edm
+from ..loss import ambient_loss
 
 __all__ = [
     "SIGMA_TN_RULES",

@@ -2,7 +2,8 @@
 
 A version is **stored noisy** when its corrupt samples already *are* Gaussian samples at
 their annotated ``sigma_min``: an unclipped ``noise`` corruption (``corrupt_dataset``, the
-demo's noise data), the anchors' ``/npy`` folders (``Dataset.stored_noisy``), or a restoration stopped at ``sigma_out > 0`` (its stored states are
+demo's noise data), the anchors' ``/npy`` folders (``Dataset.stored_noisy``), or a
+restoration stopped at ``sigma_out > 0`` (its stored states are
 noisy at ``sigma_out``). For such data:
 
 - training adds no noise of its own (``nature_noise="stored"``: ``y_tmin = y0``);

@@ -47,7 +47,6 @@ import torch
 from torch import nn
 
 from ..core.noise import derive_seeds
-from ..loss import AmbientLoss
 from ..core.precond import EDMPrecond
 from ..core.schedules import EDM_P_MEAN, EDM_P_STD, SIGMA_DATA
 from ..data.batch import Batch, LookupTables
@@ -60,6 +59,7 @@ from ..data.stream import (
     choose_backend,
     open_training_input,
 )
+from ..loss import AmbientLoss
 from ..nn.checkpoint import load_denoiser, load_training_state, save_denoiser, save_training_state
 from ..runtime import (
     RankContext,

@@ -19,10 +19,11 @@ Public API:
 """
 
 from ..nn.checkpoint import DenoiserConfig, load_denoiser, read_denoiser_config, save_denoiser
+from ..runtime import ArgumentsChanged
 from .dataset import RestoreOptions, RestorePlan, RestoreReport, restore_dataset, staging_folder
 from .io import OutputCodec, RawSample, RestoreSource, SizeMismatch, open_source, parse_output_codec
 from .lock import DestinationLocked
-from .resume import ArgumentsChanged, SourceChanged
+from .resume import SourceChanged
 from .sampler import HostBatch, RestorationSampler, SamplerConfig
 from .stages import IMAGE_UINT8, DeviceCodec, GridSpec, Stages, float_codec
 

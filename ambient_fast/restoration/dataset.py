@@ -29,13 +29,13 @@ import torch
 from torch import nn
 
 from ..data import DatasetWriter
-from ..samplers.restore import RESTORE_SIGMA_FLOOR
 from ..nn.checkpoint import file_sha256, load_denoiser, module_fingerprint
-from ..runtime import RankContext
+from ..runtime import ArgumentsChanged, RankContext, describe_changes
+from ..samplers.restore import RESTORE_SIGMA_FLOOR
 from .io import DEFAULT_MAX_PIXELS, RestoreSource, open_source, parse_output_codec
 from .lock import DestinationLock
 from .pipeline import SLOTS, Shard, ShardExecutor, plan_shards, sample_digest, source_digest
-from .resume import ArgumentsChanged, SourceChanged, describe_changes, staging_dir
+from .resume import SourceChanged, staging_dir
 from .sampler import COMPILE_MODES, METHODS, START_NOISE, RestorationSampler, SamplerConfig
 from .stages import GRID_SCHEDULES, GridSpec, Stages
 
@@ -640,7 +640,7 @@ def _finish_interrupted_publish(staging: Path, dst: Path, arguments: dict[str, A
         shutil.rmtree(staging)
         return
     manifest = json.loads((staging / "manifest.json").read_text())
-    changes = describe_changes(manifest.get("params", {}), arguments, _argument_label)
+    changes = describe_changes(manifest.get("params", {}), arguments, label=_argument_label)
     if changes or manifest.get("creator") != CREATOR:
         raise ArgumentsChanged(
             f"refusing to finish the restoration in {staging}: "
@@ -689,7 +689,7 @@ def _open_writer(
                 ) from None
             if stored is None:
                 raise ValueError(f"{staging} is not a restoration staging folder; remove it or pass --restart")
-            changes = describe_changes(stored, arguments, _argument_label)
+            changes = describe_changes(stored, arguments, label=_argument_label)
             if changes:
                 raise ArgumentsChanged(
                     f"refusing to resume the unfinished restoration in {staging}: "

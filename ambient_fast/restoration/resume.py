@@ -7,20 +7,15 @@ digest of the source bytes it was made from. A rerun with the same arguments ski
 committed shards (after re-hashing their source samples: a changed source is refused naming
 the shard) and redoes the rest; since each sample's output is a pure function of the
 arguments and the sample, the final version is byte-identical to an uninterrupted run. A
-rerun with different arguments is refused, naming each difference.
+rerun with different arguments is refused, naming each difference (the runtime's one guard,
+:func:`ambient_fast.runtime.describe_changes`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-__all__ = ["ArgumentsChanged", "SourceChanged", "describe_changes", "staging_dir"]
-
-
-class ArgumentsChanged(ValueError):
-    """A restart used arguments that differ from those of the unfinished run."""
+__all__ = ["SourceChanged", "staging_dir"]
 
 
 class SourceChanged(ValueError):
@@ -30,12 +25,3 @@ class SourceChanged(ValueError):
 def staging_dir(dst: Path) -> Path:
     """``.DST.partial`` beside ``DST``: the version being written."""
     return dst.parent / f".{dst.name}.partial"
-
-
-def describe_changes(old: dict[str, Any], new: dict[str, Any], label: Callable[[str], str] = str) -> list[str]:
-    """One ``"<label(name)>: was A, now B"`` line per argument that differs (sorted by name)."""
-    lines = []
-    for key in sorted(set(old) | set(new)):
-        if old.get(key) != new.get(key):
-            lines.append(f"{label(key)}: was {old.get(key, '<unset>')!r}, now {new.get(key, '<unset>')!r}")
-    return lines
