@@ -48,6 +48,8 @@ HELP = "run Ambient Dataloops: train, evaluate, restore, re-annotate, repeat"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..restoration.sampler import METHODS
+
     parser.set_defaults(_parser=parser)
     parser.add_argument("--data", type=existing_dir, help="original annotated dataset (never modified)")
     parser.add_argument(
@@ -132,9 +134,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--restore-method",
-        choices=("heun", "euler", "stochastic"),
+        choices=METHODS,
         default="heun",
-        help="sampler (default: %(default)s)",
+        help="restoration sampler, as restore --method ('stochastic': deprecated alias of sde) (default: %(default)s)",
     )
     parser.add_argument("--no-report", action="store_true", help="skip report.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
