@@ -222,7 +222,7 @@ def main() -> None:
             ("control", "control (fine-tune on the original data)", dict(train_on="original")),
             ("loop-heun", "dataloop, Heun restoration", dict(restore_kwargs={"rho_ambient": 8.0, "method": "heun"})),
             ("loop-stochastic", "dataloop, stochastic restoration",
-             dict(restore_kwargs={"rho_ambient": 8.0, "method": "stochastic", "num_steps": 64})),
+             dict(restore_kwargs={"rho_ambient": 8.0, "method": "sde", "num_steps": 64})),
         ]  # fmt: skip
         if args.investigate:
             ema = {**train_kwargs, "ema_halflife_images": 1000}
@@ -259,7 +259,7 @@ def main() -> None:
                 s = scores(generate(BandSwap(control, truth, lo, hi), args.samples, 100 + seed), truth, reference)
                 rows.setdefault(f"swap: {label}", []).append({"seed": seed, "loop": args.loops, **s})
             # The restoration sampler with the exact denoiser (what the sampler alone does).
-            for method, steps in (("heun", 18), ("stochastic", 64)):
+            for method, steps in (("heun", 18), ("sde", 64)):
                 dst = run / f"exact-restore-{method}"
                 restore_dataset(BandSwap(None, truth, 0, 100).eval(), data[0.03], dst, method=method, num_steps=steps,
                                 start_noise="none", rho_ambient=8.0, seed=1000 * seed, progress=False,

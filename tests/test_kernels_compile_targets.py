@@ -180,9 +180,13 @@ def run_loss_matrix(device: str) -> None:
     for kwargs, backward in loss_calls(device):
         pred = kwargs.pop("pred")
         if backward:
+            # A mean's backward returns the gradient written by the forward (no launch); a
+            # per-sample upstream gradient scales it with the backward kernel.
             pred = pred.detach().requires_grad_(True)
-            loss = ambient_fast.ambient_loss(pred, backend="triton", validate=False, **kwargs)
-            loss.backward()
+            ambient_fast.ambient_loss(pred, backend="triton", validate=False, **kwargs).backward()
+            pred.grad = None
+            per_sample = ambient_fast.ambient_loss(pred, backend="triton", validate=False, reduction="none", **kwargs)
+            per_sample.backward(torch.linspace(0.5, 1.5, per_sample.shape[0], device=per_sample.device))
         else:
             with torch.no_grad():
                 ambient_fast.ambient_loss(pred, backend="triton", validate=False, **kwargs)
