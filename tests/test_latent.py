@@ -710,6 +710,22 @@ def test_latent_dataset_on_gpu_graph_equals_eager(sd_pipeline, caption_shards, t
         assert np.abs(a.array.astype(int) - b.array.astype(int)).max() <= 1
 
 
+def test_latent_run_takes_the_pixel_options(sd_pipeline, tmp_path):
+    """The latent stages are built on the driver's pixel stages: --resolution/--resize and
+    --output-codec apply to a latent run too."""
+    rng = np.random.default_rng(1)
+    samples = [
+        Sample(index=i, key=f"k{i}", array=None, sigma_min=2.0, caption=f"c{i}",
+               data=jpeg_bytes(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
+        for i, size in enumerate([16, 24, 32])
+    ]
+    src = write_dataset(tmp_path / "src", "webdataset", samples, chunk_size=4)
+    latent_run(sd_pipeline, src, tmp_path / "out", resize=True, resolution=(16, 16), output_codec="webp")
+    _, out = read_version(tmp_path / "out")
+    assert [s.array.shape for s in out] == [(16, 16, 3)] * 3
+    assert all(s.data[:4] == b"RIFF" and s.data[8:12] == b"WEBP" for s in out)
+
+
 def test_sample_without_caption_is_refused_by_key(sd_pipeline, tmp_path):
     src = write_caption_shards(tmp_path / "src", CAPTION_LEVELS, captions=False)
     with pytest.raises(ValueError, match="s0002.*no caption"):

@@ -406,7 +406,7 @@ def restore_dataset(
     resolution: tuple[int, int] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     reader: str = "auto",
-    stages: Callable[[RestoreSource], Stages] | None = None,
+    stages: Callable[[RestoreSource, Stages], Stages] | None = None,
     device: torch.device | str | None = None,
     num_workers: int = 4,
     restart: bool = False,
@@ -480,8 +480,9 @@ def restore_dataset(
         reader: who decodes images: ``"dali"`` (NVIDIA DALI: mixed GPU decode on CUDA, its CPU
             pipeline on CPU), ``"pil"``, or ``"auto"`` (DALI where it is installed, else PIL).
             Recorded with the arguments: decoders may differ in the last bit of a JPEG.
-        stages: ``source -> Stages`` for a non-pixel path (latent text-to-image,
-            ``restoration/latent_stages.py``); default: pixel / tensor stages.
+        stages: ``(source, pixel stages) -> Stages`` for a path built on the pixel / tensor
+            stages (which carry the size, resize, max_pixels and output codec options): latent
+            text-to-image, ``restoration/latent_stages.py``; default: the pixel / tensor stages.
         device: default: the module's device, else ``cuda:LOCAL_RANK`` or CPU.
         num_workers: IO threads per rank (read, decode, encode, write).
         restart: discard an unfinished run's staging folder instead of resuming it.
@@ -531,16 +532,15 @@ def restore_dataset(
     model, dev, model_id = _resolve_denoiser(denoiser, device, ctx.local_rank, model_fingerprint)
     run_stages: Stages | None = None
     if len(plan.restore):
-        if stages is not None:
-            run_stages = stages(source)
-        else:
-            run_stages = source.stages(
-                source.sizing_sample(plan.restore, options.max_pixels, options.on_bad_sample),
-                max_pixels=options.max_pixels,
-                resize=options.resize,
-                resolution=options.resolution,
-                output_codec=parse_output_codec(options.output_codec),
-            )
+        run_stages = source.stages(
+            source.sizing_sample(plan.restore, options.max_pixels, options.on_bad_sample),
+            max_pixels=options.max_pixels,
+            resize=options.resize,
+            resolution=options.resolution,
+            output_codec=parse_output_codec(options.output_codec),
+        )
+        if stages is not None:  # a path built on the pixel stages (latent: VAE + captions around them)
+            run_stages = stages(source, run_stages)
     used_reader = _select_reader(reader, source, run_stages)
     arguments = _plain_json(
         {

@@ -335,9 +335,7 @@ def latent_restoration(
         f"{latent_fingerprint(components)}\0{sorted(components.describe().items())!r}".encode()
     ).hexdigest()
 
-    def stages(source: RestoreSource, pixels: Stages | None = None) -> LatentStages:
-        if pixels is None:
-            pixels = source.stages(int(np.flatnonzero(np.asarray(source.sigma_min) > 0)[0]))
+    def stages(source: RestoreSource, pixels: Stages) -> LatentStages:
         return LatentStages(source, components, settings, pixels, seed)
 
     return {"denoiser": components.denoiser, "stages": stages, "model_fingerprint": fingerprint}
