@@ -177,6 +177,16 @@ def run_loss_matrix(device: str) -> None:
 
     import ambient_fast
 
+    def scale_rows_on_cuda(grad_unit: torch.Tensor) -> None:
+        # A backward with a per-sample upstream gradient (e.g. ``reduction="none"`` then a
+        # weighted sum) launches the scale kernel on CUDA only (CPU tensors use torch.mul), so
+        # the launch a CUDA backward makes is reproduced here with the public launcher.
+        from ambient_fast.kernels.ambient_loss import ambient_loss_bwd
+        from ambient_fast.kernels._layout import empty_rows_like
+
+        upstream = torch.linspace(0.5, 1.5, grad_unit.shape[0], device=grad_unit.device)
+        ambient_loss_bwd(empty_rows_like(grad_unit), grad_unit, upstream)
+
     for kwargs, backward in loss_calls(device):
         pred = kwargs.pop("pred")
         if backward:
@@ -184,9 +194,7 @@ def run_loss_matrix(device: str) -> None:
             # per-sample upstream gradient scales it with the backward kernel.
             pred = pred.detach().requires_grad_(True)
             ambient_fast.ambient_loss(pred, backend="triton", validate=False, **kwargs).backward()
-            pred.grad = None
-            per_sample = ambient_fast.ambient_loss(pred, backend="triton", validate=False, reduction="none", **kwargs)
-            per_sample.backward(torch.linspace(0.5, 1.5, per_sample.shape[0], device=per_sample.device))
+            scale_rows_on_cuda(pred.grad)
         else:
             with torch.no_grad():
                 ambient_fast.ambient_loss(pred, backend="triton", validate=False, **kwargs)
