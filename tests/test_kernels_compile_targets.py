@@ -219,7 +219,7 @@ def run_sampler_matrix(device: str) -> None:
         noise = torch.randn(shape, device=device).to(dtype)
         if layout == "channels_last":
             noise = noise.to(memory_format=torch.channels_last)
-        for method in ("stochastic", "sde"):
+        for method in ("churn", "sde"):
             ambient_fast.sample(denoiser, noise, sigmas, method=method, S_churn=10.0, backend="triton")
 
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
@@ -231,7 +231,7 @@ def run_sampler_matrix(device: str) -> None:
         for shape in BENCH_SIZES:
             run(shape, dtype, "contiguous")
     for state_dtype in (torch.float32, torch.float64):
-        for method in ("heun", "euler", "stochastic"):
+        for method in ("heun", "euler", "sde"):
             y0 = torch.randn(4, 3, 16, 16, device=device)
             sigma_min = torch.tensor([0.0, 0.5, 1.0, 2.0], dtype=torch.float64, device=device)
             seeds = torch.arange(4, device=device)

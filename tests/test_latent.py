@@ -500,13 +500,13 @@ def reference_restoration(components, images, captions, levels, seeds, *, grid, 
         eps = sample_normal(seeds, latents.shape[1:], stream=STREAM_RESTORE, dtype=torch.float64)
         table = grid.table(levels, grid.steps(levels.numpy()))
         start = latents + levels.view(-1, 1, 1, 1) * eps
-        out = sample(guided, eps, table, method="sde" if method == "stochastic" else method, seeds=seeds, start=start)
+        out = sample(guided, eps, table, method=method, seeds=seeds, start=start)
     return to_uint8(components.codec.decode(out))
 
 
 @pytest.mark.parametrize(
     "schedule, method, guidance",
-    [("per_sample", "heun", 3.5), ("per_sample", "stochastic", 3.5), ("global", "heun", 3.5), ("global", "euler", 1.0)],
+    [("per_sample", "heun", 3.5), ("per_sample", "sde", 3.5), ("global", "heun", 3.5), ("global", "euler", 1.0)],
 )
 def test_latent_engine_equals_the_reference_per_sample(sd_pipeline, schedule, method, guidance):
     """The engine with latent stages (VAE + captions around the captured loop, CFG over the

@@ -128,7 +128,7 @@ def test_stochastic_restoration_matches_closed_form_posterior(tmp_path: Path) ->
         tmp_path / "dst",
         num_steps=k,
         batch_size=m,
-        method="stochastic",
+        method="sde",
         start_noise="none",
         state_dtype="float64",
         seed=1,
@@ -178,7 +178,7 @@ def test_deterministic_restoration_transports_noisy_marginal(tmp_path: Path) -> 
     assert torch.all((torch.cov(out.T) - cov).abs() <= 4.5 * se_cov)
 
 
-@pytest.mark.parametrize("method", ["heun", "stochastic"])
+@pytest.mark.parametrize("method", ["heun", "sde"])
 def test_restored_dataset_is_the_engine_output(tmp_path: Path, method: str) -> None:
     """End to end: ``restore_dataset`` on a tensors dataset (clean and corrupt samples, a
     padded last batch) stores exactly the engine's per-sample results (so the closed-form
@@ -214,7 +214,7 @@ def test_restored_dataset_is_the_engine_output(tmp_path: Path, method: str) -> N
     np.testing.assert_array_equal(new_sigma_min, np.where(sigma_min > 0, sigma_min / 4.0, 0.0))
 
 
-@pytest.mark.parametrize("method", ["heun", "euler", "stochastic"])
+@pytest.mark.parametrize("method", ["heun", "euler", "sde"])
 @pytest.mark.parametrize("sigma_out", [0.0, 0.3])
 @pytest.mark.parametrize("start_noise", ["fresh", "training", "none"])
 def test_engine_matches_reference_restorer(method: str, sigma_out: float, start_noise: str) -> None:
@@ -265,7 +265,7 @@ def test_batch_composition_does_not_change_a_sample() -> None:
     y = gmm.sample(10, torch.Generator().manual_seed(3))
     ids = torch.arange(10)
     sigma_min = torch.linspace(0.5, 1.5, 10, dtype=torch.float64)
-    config = SamplerConfig(num_steps=9, method="stochastic", state_dtype=torch.float32)
+    config = SamplerConfig(num_steps=9, method="sde", state_dtype=torch.float32)
     codec = float_codec(torch.float64)
     whole = RestorationSampler(gmm, (2,), 16, config, codec=codec).restore(y, ids, sigma_min, seed=4)
     small = RestorationSampler(gmm, (2,), 3, config, codec=codec)

@@ -33,7 +33,7 @@ def _restore(denoiser, raw: torch.Tensor, batch: int, **config) -> torch.Tensor:
     return sampler.restore(raw, torch.arange(n), sigma_min, seed=5)
 
 
-@pytest.mark.parametrize("method", ["heun", "euler", "stochastic"])
+@pytest.mark.parametrize("method", ["heun", "euler", "sde"])
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.float64])
 def test_graph_replay_equals_eager(method: str, state_dtype: torch.dtype) -> None:
     denoiser = make_denoiser().cuda()
@@ -49,7 +49,7 @@ def test_graph_matches_cpu_reference() -> None:
     CUDA (graph) as on the CPU (eager) to float64 round-off."""
     gmm = make_gmm()
     y = gmm.sample(40, torch.Generator().manual_seed(0))
-    config = dict(num_steps=9, method="stochastic", state_dtype=torch.float64, backend="torch")
+    config = dict(num_steps=9, method="sde", state_dtype=torch.float64, backend="torch")
     cpu = RestorationSampler(gmm, (2,), 64, SamplerConfig(**config), codec=float_codec(torch.float64))
     gpu = RestorationSampler(
         gmm.cuda(), (2,), 64, SamplerConfig(cuda_graph=True, **config), codec=float_codec(torch.float64), device="cuda"
