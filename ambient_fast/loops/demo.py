@@ -79,7 +79,7 @@ DATALOOP = LoopVariant("previous", 8.0)
 CONTROL = LoopVariant("previous", 8.0, "original")
 
 # "default" is what `ambient-fast demo` runs: DEMO_MINUTES on 2 idle cores (docs/demo_results.md).
-DEMO_MINUTES = "about 6 minutes"
+DEMO_MINUTES = "about 5 minutes"
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
         corruptions=("noise",),
