@@ -120,7 +120,7 @@ def ambient_loss(
     if kernel != "torch" and not _other_inputs_need_grad(y_t, y_tmin, sigma, sigma_min, sigma_max, tensor_weight):
         return fused_ambient_loss(
             pred, y_t, y_tmin, sigma, sigma_min, sigma_max, tensor_weight, cfg,
-            kernel=kernel, check=checks, reduction=reduction,
+            kernel=kernel, check=checks, reduction=reduction, operands_checked=True,
         )
     # Reference backend (also for gradients with respect to inputs other than pred).
     if sigma_max is None:

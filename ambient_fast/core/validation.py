@@ -65,7 +65,8 @@ def check_tensor(name: str, t: object, expected: str = "(B, ...)") -> None:
 
 def check_per_sample_layout(name: str, t: object, batch: int, device: torch.device) -> None:
     """``t`` must be a floating ``(batch,)`` tensor on ``device`` (no sync)."""
-    check_tensor(name, t, f"of shape ({batch},)")
+    if not isinstance(t, torch.Tensor):
+        check_tensor(name, t, f"of shape ({batch},)")
     if t.shape != (batch,):
         raise ValueError(f"{name}: expected shape ({batch},) (one value per sample), got {tuple(t.shape)}")
     if t.device != device:
@@ -84,17 +85,19 @@ def check_same_layout(reference_name: str, reference: torch.Tensor, **others: to
     """Every tensor in ``others`` has the shape, dtype and device of ``reference``; ``B >= 1``."""
     check_tensor(reference_name, reference)
     for name, t in others.items():
-        check_tensor(name, t)
-    if reference.dim() < 1 or reference.shape[0] < 1:
-        raise ValueError(f"{reference_name}: expected a batch (B, ...) with B >= 1, got {tuple(reference.shape)}")
+        if not isinstance(t, torch.Tensor):
+            check_tensor(name, t)
+    shape, dtype, device = reference.shape, reference.dtype, reference.device
+    if len(shape) < 1 or shape[0] < 1:
+        raise ValueError(f"{reference_name}: expected a batch (B, ...) with B >= 1, got {tuple(shape)}")
     for name, t in others.items():
-        if t.shape != reference.shape:
-            raise ValueError(f"{name}: shape {tuple(t.shape)} differs from {reference_name}'s {tuple(reference.shape)}")
-        if t.dtype != reference.dtype:
-            raise ValueError(f"{name}: dtype {t.dtype} differs from {reference_name}'s {reference.dtype}")
-        if t.device != reference.device:
-            raise ValueError(f"{name}: device {t.device} differs from {reference_name}'s {reference.device}")
-    if reference.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        if t.shape != shape:
+            raise ValueError(f"{name}: shape {tuple(t.shape)} differs from {reference_name}'s {tuple(shape)}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name}: dtype {t.dtype} differs from {reference_name}'s {dtype}")
+        if t.device != device:
+            raise ValueError(f"{name}: device {t.device} differs from {reference_name}'s {device}")
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise ValueError(f"{reference_name}: unsupported dtype {reference.dtype} (use fp16/bf16/fp32/fp64)")
 
 

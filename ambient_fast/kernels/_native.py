@@ -60,7 +60,7 @@ def rows(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     Any batch stride is kept (slices, expanded rows); other layouts get a contiguous copy.
     The returned tensor must stay referenced until the kernel returns.
     """
-    if t.dim() > 1 and t.shape[0] > 0 and not t.is_contiguous() and not t[0].is_contiguous():
+    if not t.is_contiguous() and t.dim() > 1 and t.shape[0] > 0 and not t[0].is_contiguous():
         t = t.contiguous()
     return t, (t.data_ptr(), t.stride(0))
 
@@ -72,9 +72,10 @@ def levels(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, bool]]:
     ``(B, K+1)`` table, a stride-0 expansion); other dtypes are converted to float32 (exactly).
     The returned tensor must stay referenced until the kernel returns.
     """
-    if t.dtype not in (torch.float32, torch.float64):
-        t = t.to(torch.float32)
-    return t, (t.data_ptr(), t.stride(0), t.dtype == torch.float64)
+    dtype = t.dtype
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        t, dtype = t.to(torch.float32), torch.float32
+    return t, (t.data_ptr(), t.stride(0), dtype is torch.float64)
 
 
 def same_dtype(tensors: list[torch.Tensor], reference: torch.Tensor) -> list[torch.Tensor]:
@@ -90,28 +91,33 @@ def run_step(name: str, x: torch.Tensor, inputs: dict, level_args: dict, **kerne
     """Run the C++ step ``name`` (``_C.<name>``): ``x`` and ``inputs`` ``(B, ...)`` of one shape,
     ``level_args`` ``(B,)``; returns a new contiguous tensor of ``x``'s shape and dtype."""
     ext = extension()
-    batch = x.shape[0] if x.dim() else 0
     if x.dim() < 1:
         raise ValueError(f"{name}: x must be batched (B, ...), got a 0-d tensor")
+    shape, dtype = x.shape, x.dtype
+    batch = shape[0]
+    mixed = False
     for arg, t in inputs.items():
-        if t.shape != x.shape:
-            raise ValueError(f"{name}: {arg} shape {tuple(t.shape)} differs from x's {tuple(x.shape)}")
+        if t.shape != shape:
+            raise ValueError(f"{name}: {arg} shape {tuple(t.shape)} differs from x's {tuple(shape)}")
+        mixed = mixed or t.dtype != dtype
     for arg, t in level_args.items():
         if t.shape != (batch,):
             raise ValueError(f"{name}: {arg} must have shape ({batch},), got {tuple(t.shape)}")
-    level_tensors = {arg: levels(t) for arg, t in level_args.items()}  # kept referenced for the call
-    operands = same_dtype([x, *inputs.values()], x)
-    laid_out = [rows(t) for t in operands]
+    # Every converted or copied tensor stays referenced (in these locals) until the call returns.
+    level_tensors = {arg: levels(t) for arg, t in level_args.items()}
+    storage = compute_dtype(dtype) if mixed else dtype
+    x_rows = rows(x if not mixed else x.to(storage))
+    input_rows = {arg: rows(t if not mixed else t.to(storage)) for arg, t in inputs.items()}
     numel = x.numel() // batch if batch else 0
-    out = torch.empty(x.shape, dtype=operands[0].dtype)
+    out = torch.empty_like(x, dtype=storage, memory_format=torch.contiguous_format)
     getattr(ext, name)(
-        dtype=DTYPE_NAMES[operands[0].dtype],
+        dtype=DTYPE_NAMES[storage],
         batch=batch,
         numel=numel,
         out=(out.data_ptr(), numel),
-        x=laid_out[0][1],
-        **{arg: r for arg, (_, r) in zip(inputs, laid_out[1:], strict=True)},
+        x=x_rows[1],
+        **{arg: r for arg, (_, r) in input_rows.items()},
         **{arg: triple for arg, (_, triple) in level_tensors.items()},
         **kernel_args,
     )
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    return out if storage == dtype else out.to(dtype)

@@ -48,7 +48,6 @@
 from __future__ import annotations
 
 import warnings
-from functools import partial
 
 import torch
 import triton
@@ -504,22 +503,30 @@ def ambient_loss_cpp_fwd(
     numel = pred.numel() // batch if batch else 0
     if numel == 0:
         raise ValueError(f"ambient loss: samples of shape {tuple(pred.shape[1:])} have no elements to average")
-    operands = _native.same_dtype([pred, y_t, y_tmin], pred)
-    (p, p_rows), (yt, yt_rows), (ytm, ytm_rows) = (_native.rows(t) for t in operands)
-    # (tensor, (pointer, stride, is float64)): the tensors stay referenced until the call returns.
-    levels = {name: _native.levels(t) if t is not None else (None, None) for name, t in (
-        ("sigma", sigma), ("sigma_min", sigma_min), ("sigma_max", sigma_max), ("weight", weight)
-    )}
+    dtype = pred.dtype
+    if y_t.dtype != dtype or y_tmin.dtype != dtype:
+        pred, y_t, y_tmin = _native.same_dtype([pred, y_t, y_tmin], pred)
+    # Each (tensor, argument) pair keeps its tensor referenced until the call returns.
+    p, p_arg = _native.rows(pred)
+    yt, yt_arg = _native.rows(y_t)
+    ytm, ytm_arg = _native.rows(y_tmin)
+    s, s_arg = _native.levels(sigma)
+    sm, sm_arg = _native.levels(sigma_min)
+    smax, smax_arg = _native.levels(sigma_max) if sigma_max is not None else (None, None)
+    w, w_arg = _native.levels(weight) if weight is not None else (None, None)
     return ext.ambient_loss(
-        dtype=_native.DTYPE_NAMES[operands[0].dtype],
+        dtype=_native.DTYPE_NAMES[p.dtype],
         batch=batch,
         numel=numel,
         loss=loss.data_ptr(),
         grad=(grad.data_ptr(), numel) if grad is not None else None,
-        pred=p_rows,
-        y_t=yt_rows,
-        y_tmin=ytm_rows,
-        **{name: arg for name, (_, arg) in levels.items()},
+        pred=p_arg,
+        y_t=yt_arg,
+        y_tmin=ytm_arg,
+        sigma=s_arg,
+        sigma_min=sm_arg,
+        sigma_max=smax_arg,
+        weight=w_arg,
         check=check,
         flags=flags.data_ptr() if flags is not None else 0,
         grad_count=grad_count,
@@ -551,11 +558,7 @@ def check_operands(
         if t.device != pred.device:
             raise ValueError(f"ambient loss: {name} is on {t.device}, pred on {pred.device}")
     batch = pred.shape[0]
-    if batch and pred.numel() == 0:
-        raise ValueError(
-            f"ambient loss: samples of shape {tuple(pred.shape[1:])} have no elements to average "
-            "(each sample needs at least one element)"
-        )
+    _check_nonempty_samples(pred)
     for name, t in (("sigma", sigma), ("sigma_min", sigma_min), ("sigma_max", sigma_max), ("weight", weight)):
         if t is None:
             continue
@@ -565,6 +568,14 @@ def check_operands(
             raise ValueError(
                 f"ambient loss: {name} must be a floating tensor on {pred.device}, got {t.dtype} on {t.device}"
             )
+
+
+def _check_nonempty_samples(pred: torch.Tensor) -> None:
+    if pred.shape[0] and pred.numel() == 0:
+        raise ValueError(
+            f"ambient loss: samples of shape {tuple(pred.shape[1:])} have no elements to average "
+            "(each sample needs at least one element)"
+        )
 
 
 def _forward(
@@ -588,20 +599,24 @@ def _forward(
     only when one is an error); Triton gives the flags, which the caller reduces (one sync).
     """
     batch = pred.shape[0]
-    loss = torch.empty(batch, dtype=_native.compute_dtype(pred.dtype), device=pred.device)
+    compute = _native.compute_dtype(pred.dtype)
     if kernel == "cpp":
-        mixed = not (y_t.dtype == pred.dtype and y_tmin.dtype == pred.dtype)
-        storage = _native.compute_dtype(pred.dtype) if mixed else pred.dtype
-        grad = torch.empty(pred.shape, dtype=storage) if need_grad else None
-        fwd = partial(ambient_loss_cpp_fwd, loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
-        largest, _ = fwd(check=check, grad_count=grad_count)
+        loss = torch.empty(batch, dtype=compute)
+        mixed = y_t.dtype != pred.dtype or y_tmin.dtype != pred.dtype
+        grad = None
+        if need_grad:
+            storage = compute if mixed else pred.dtype
+            grad = torch.empty_like(pred, dtype=storage, memory_format=torch.contiguous_format)
+        args = (loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
+        largest, _ = ambient_loss_cpp_fwd(*args, check=check, grad_count=grad_count)
         flags = None
         if largest >= 2:  # error path: run again to get every row's flags
             flags = torch.zeros(batch, dtype=torch.int32)
-            fwd(check=True, flags=flags, grad_count=grad_count)
+            ambient_loss_cpp_fwd(*args, check=True, flags=flags, grad_count=grad_count)
         if grad is not None and grad.dtype != pred.dtype:
             grad = grad.to(pred.dtype)
         return loss, grad, flags, largest if check else None
+    loss = torch.empty(batch, dtype=compute, device=pred.device)
     if sigma_max is None:
         sigma_max = torch.zeros(batch, dtype=sigma.dtype, device=sigma.device)
     flags = torch.zeros(batch, dtype=torch.int32, device=pred.device) if check else None
@@ -704,39 +719,54 @@ def _scale_rows(grad_unit: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tenso
 # ----------------------------------------------------------------------------------------------
 
 
+def _eager_forward(
+    pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction, need_grad, stacklevel
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The eager forward with its checks: ``(loss, gradient of it or None)``.
+
+    For ``reduction`` "mean"/"sum" the loss is reduced here and the gradient is that of the
+    reduced loss; for "none"/"mean_trained" the loss is ``(B,)`` (the caller reduces).
+    """
+    count = pred.shape[0] if reduction == "mean" else 1
+    loss, grad, flags, largest = _forward(
+        pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, need_grad, kernel, check, count
+    )
+    if check:
+        if largest is None:
+            largest = int(flags.max())  # Triton: one B-element reduction and one sync
+        if largest >= 2:
+            raise_for_flags(flags, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
+        if largest == 0 and reduction != "none":
+            warnings.warn(
+                "ambient_loss: no sample in the batch is eligible at its sigma; the loss is 0", stacklevel=stacklevel
+            )
+    if reduction == "mean":
+        return loss.mean(), grad
+    if reduction == "sum":
+        return loss.sum(), grad
+    return loss, grad
+
+
 class _FusedLoss(torch.autograd.Function):
     """Eager autograd of the op's kernels (one call, no dispatcher), reductions folded in.
 
     For ``reduction`` "mean"/"sum" the forward already wrote the gradient of the reduced loss
     (``grad_count = B`` for the mean), so a backward whose upstream gradient is 1 (what
     ``loss.backward()`` passes) returns it without another pass (Liger's trick; on CUDA the
-    test ``upstream == 1`` is one host sync in the backward).
+    test ``upstream == 1`` is one host sync in the backward). Used only when ``pred`` needs a
+    gradient (without one the eager forward runs without an autograd node).
     """
 
     @staticmethod
-    def forward(ctx, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction, need_grad):
-        reduced = reduction in ("mean", "sum")
-        count = pred.shape[0] if reduction == "mean" else 1
-        loss, grad, flags, largest = _forward(
-            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, need_grad, kernel, check, count
+    def forward(ctx, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction):
+        # Frames up to the caller of ambient_fast.ambient_loss: _eager_forward, forward, apply,
+        # fused_ambient_loss, ambient_loss.
+        loss, grad = _eager_forward(
+            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction, True, 6
         )
-        if check:
-            if largest is None:
-                largest = int(flags.max())  # Triton: one B-element reduction and one sync
-            if largest >= 2:
-                raise_for_flags(flags, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
-            if largest == 0 and reduction != "none":
-                warnings.warn(
-                    "ambient_loss: no sample in the batch is eligible at its sigma; the loss is 0", stacklevel=4
-                )
-        ctx.reduced = reduced
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        if reduction == "mean":
-            return loss.mean()
-        if reduction == "sum":
-            return loss.sum()
-        return loss  # "none", "mean_trained": reduced by the caller
+        ctx.reduced = reduction in ("mean", "sum")
+        ctx.save_for_backward(grad)
+        return loss
 
     @staticmethod
     def backward(ctx, upstream):
@@ -746,14 +776,14 @@ class _FusedLoss(torch.autograd.Function):
                 "for create_graph=True"
             )
         if not ctx.needs_input_grad[0]:
-            return (None,) * 12
+            return (None,) * 11
         (grad,) = ctx.saved_tensors
         if ctx.reduced:
             capturing = upstream.is_cuda and torch.cuda.is_current_stream_capturing()
             if not capturing and float(upstream) == 1.0:
-                return (grad,) + (None,) * 11
-            return (torch.mul(grad, upstream, out=torch.empty_like(grad)),) + (None,) * 11
-        return (_scale_rows(grad, upstream),) + (None,) * 11
+                return (grad,) + (None,) * 10
+            return (torch.mul(grad, upstream, out=torch.empty_like(grad)),) + (None,) * 10
+        return (_scale_rows(grad, upstream),) + (None,) * 10
 
 
 def fused_ambient_loss(
@@ -769,6 +799,7 @@ def fused_ambient_loss(
     kernel: str,
     check: bool = False,
     reduction: str = "none",
+    operands_checked: bool = False,
 ) -> torch.Tensor:
     """Fused per-sample ambient loss (SPEC 2): the op's kernels, in eager without the dispatcher.
 
@@ -783,21 +814,28 @@ def fused_ambient_loss(
             reference's ValueError naming the argument and the first bad sample.
         reduction: ``"none"`` (``(B,)``), ``"mean"``, ``"sum"`` or ``"mean_trained"`` over the
             batch (see ``ambient_fast.ambient_loss``).
+        operands_checked: the caller has already checked what :func:`check_operands` checks
+            (one shape and device for the data, ``(B,)`` floating levels on that device) and
+            that no input but ``pred`` requires grad, as ``ambient_fast.ambient_loss`` does;
+            those checks are then not repeated (samples without elements are still refused).
 
     Returns:
         float32 (float64 for fp64 inputs) loss, differentiable in ``pred``: when ``pred``
         requires grad, d loss / d pred is written during this forward pass.
     """
     grad_enabled = torch.is_grad_enabled()
-    if grad_enabled:
-        data = dict(y_t=y_t, y_tmin=y_tmin, sigma=sigma, sigma_min=sigma_min, sigma_max=sigma_max, weight=weight)
-        for name, t in data.items():
-            if t is not None and t.requires_grad:
-                raise ValueError(
-                    f"the fused ambient loss differentiates pred only, but {name} requires grad; "
-                    "detach it or use backend='torch'"
-                )
-    check_operands(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight)
+    if operands_checked:
+        _check_nonempty_samples(pred)
+    else:
+        if grad_enabled:
+            data = dict(y_t=y_t, y_tmin=y_tmin, sigma=sigma, sigma_min=sigma_min, sigma_max=sigma_max, weight=weight)
+            for name, t in data.items():
+                if t is not None and t.requires_grad:
+                    raise ValueError(
+                        f"the fused ambient loss differentiates pred only, but {name} requires grad; "
+                        "detach it or use backend='torch'"
+                    )
+        check_operands(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight)
     need_grad = grad_enabled and pred.requires_grad
     if torch.compiler.is_compiling():
         if sigma_max is None:
@@ -809,9 +847,14 @@ def fused_ambient_loss(
         )
     else:
         check_kernel(kernel, pred.device)
-        loss = _FusedLoss.apply(
-            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction, need_grad
-        )
+        if need_grad:
+            args = (pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction)
+            loss = _FusedLoss.apply(*args)
+        else:
+            # No autograd node: frames up to the caller of ambient_fast.ambient_loss.
+            loss, _ = _eager_forward(
+                pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction, False, 4
+            )
         if reduction in ("mean", "sum"):
             return loss  # reduced inside, with the gradient of the reduced loss
     if reduction == "mean":
