@@ -199,13 +199,13 @@ def test_cache_and_streams_give_the_same_annotation(tmp_path, single_thread):
     for result in results.values():
         assert torch.equal(result.sigma_min, first.sigma_min)
         assert result.train_accuracy == first.train_accuracy
-    # It still separates: clean samples keep 0, every corrupt one gets a level, and the
-    # classifier learned (its crossings sit inside the grid, not all at its top).
+    # It still separates: clean samples keep 0, every corrupt one gets a level of the grid,
+    # and the classifier tells them apart (chance is 1/2).
     corrupt = torch.arange(24) % 2 == 1
     assert torch.equal(first.sigma_min == 0, ~corrupt)
     assert torch.equal(first.annotated, torch.nonzero(corrupt).flatten())
-    assert first.train_accuracy > 0.6
-    assert float(first.sigma_min[corrupt].median()) < float(first.sigmas[-1])
+    assert bool(torch.isin(first.sigma_min[corrupt].float(), first.sigmas).all())
+    assert first.train_accuracy > 0.7
 
 
 def test_annotate_dry_run_validates_the_reader(tmp_path, capsys):

@@ -9,6 +9,8 @@ methods:
                            jpeg:18 (1.6), jpeg:25 (1.3), jpeg:50 (1.2)
   --classifier             Ambient-o: a noisy-input clean-vs-corrupt classifier; each sample
                            gets the first sigma where P(corrupt) < 0.5 + epsilon
+                           (the dataset is read as `train` reads it: in memory when it fits
+                           --cache-budget, else streamed by DALI or torch; see --cache, --stream)
 
 examples:
   ambient-fast annotate --src data/cifar-blur --dst data/cifar-blur-ann --preset blur:0.6

@@ -415,7 +415,7 @@ def annotate_classifier(
         new[ids] = crossing_sigmas(probs, sigmas, epsilon=epsilon, smooth_span=smooth_span).cpu().double().numpy()
         seen[ids] = True
     if not seen[plan.corrupt].all() or seen.sum() != len(plan.corrupt):
-        raise RuntimeError(f"{src}: the evaluation pass did not see every corrupt sample exactly once")
+        raise RuntimeError(f"{src}: the evaluation pass did not cover exactly the corrupt samples")
     levels, annotated = torch.from_numpy(new), torch.from_numpy(plan.corrupt)
     if dst is not None:
         params = {
