@@ -4,14 +4,25 @@ Synthetic data with a closed-form answer: clean samples sit at ``-mu``, corrupt 
 ``+mu`` (d = 8). At noise sigma the Bayes classifier's log-odds for a corrupt sample are
 ``N(m, 2m)`` with ``m = |2 mu|^2 / (2 sigma^2)``, so its mean probability crosses
 ``0.5 + eps`` where ``E[sigmoid(N(m, 2m))] = 0.5 + eps``: a known ``sigma*``.
+
+On a dataset, the annotation reads through the training input (cache or stream) and every
+reader gives the same annotation for a seed.
 """
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
+from ambient_fast.cli import main
+from ambient_fast.data import Sample, write_dataset
+from ambient_fast.data.batch import LookupTables
+from ambient_fast.data.dali_pipeline import dali_available
+from ambient_fast.data.stream import CachedBatchLoader
 from ambient_fast.loops.annotate import (
+    ClassifierPlan,
+    annotate_classifier,
     annotation_sigmas,
     classifier_probabilities,
     crossing_sigmas,
@@ -58,11 +69,19 @@ def test_exact_classifier_recovers_the_closed_form_crossing():
     assert crossing.median() == pytest.approx(star, rel=0.06)
 
 
+def _cached_batches(clean: torch.Tensor, corrupt: torch.Tensor, steps: int, batch_size: int, seed: int):
+    """The plan's batches from the in-memory samples (the cache backend): rows 0.. clean, then corrupt."""
+    sigma_min = np.r_[np.zeros(len(clean)), np.ones(len(corrupt))]
+    plan = ClassifierPlan(sigma_min, steps=steps, batch_size=batch_size, eval_batch=len(corrupt), seed=seed)
+    tables = LookupTables.from_arrays(sigma_min, np.zeros_like(sigma_min))
+    return iter(CachedBatchLoader(torch.cat([clean, corrupt]), tables, plan))
+
+
 def test_trained_classifier_finds_the_crossing():
     clean, corrupt, _ = _data()
     star = _known_crossing()
     classifier, accuracy = train_classifier(
-        clean, corrupt, build_network("mlp-small", data_dim=DIM), steps=500, batch_size=128, seed=0
+        _cached_batches(clean, corrupt, 500, 128, 0), build_network("mlp-small", data_dim=DIM), (DIM,), steps=500
     )
     assert accuracy > 0.7
     sigmas = annotation_sigmas(0.01, 10.0, 64)
@@ -138,3 +157,67 @@ def test_annotation_equals_the_anchors_rule_on_their_trajectories():
     assert ours.tolist() == anchors
     assert anchors[0] == times[-1]
     assert len(set(anchors[2:])) > 10  # the rows cross at many different levels
+
+
+def test_plan_is_balanced_then_every_corrupt_sample_once():
+    sigma_min = np.array([0, 0.5, 0, 0.3, 0.3, 0, 0.2])
+    plan = ClassifierPlan(sigma_min, steps=3, batch_size=5, eval_batch=2, seed=1)
+    batches = list(plan)
+    assert len(batches) == len(plan) == 3 + 2 and plan.batch_size == 5
+    for batch in batches[:3]:
+        assert len(batch) == 5
+        assert all(sigma_min[i] == 0 for i in batch[:2]) and all(sigma_min[i] > 0 for i in batch[2:])
+    assert batches[3:] == [[1, 3], [4, 6]]  # the evaluation pass: dataset order
+    assert batches == list(plan)  # the same plan on every pass (and for every reader)
+    with pytest.raises(ValueError, match="both clean"):
+        ClassifierPlan(np.ones(3), steps=1, batch_size=2, eval_batch=1, seed=0)
+
+
+def _shifted_digits(root, n: int = 24):
+    """8x8 grayscale PNGs: the clean half darker than the corrupt half by 24 grey levels
+    (plus per-pixel jitter), so the classifier tells them apart at low noise, not at high."""
+    rng = np.random.default_rng(0)
+    samples = [
+        Sample(index=i, key=f"{i:02d}.png", array=(116 + 24 * (i % 2) + rng.integers(-6, 7, (8, 8))).astype(np.uint8),
+               sigma_min=0.4 * (i % 2), sigma_max=0.0)
+        for i in range(n)
+    ]
+    return write_dataset(root / "data", "folder", samples)
+
+
+READERS = [("on", "auto"), ("off", "torch")] + ([("off", "dali")] if dali_available() else [])
+
+
+def test_cache_and_streams_give_the_same_annotation(tmp_path, single_thread):
+    data = _shifted_digits(tmp_path)
+    kwargs = dict(steps=60, batch_size=32, num_sigmas=12, trials=2, batch_rows=96, seed=3, device="cpu",
+                  loader_workers=0)
+    results = {s: annotate_classifier(data, None, cache=c, stream=s, **kwargs) for c, s in READERS}
+    backends = [r.input_backend for r in results.values()]
+    assert backends == ["cache", "torch", "dali"][: len(results)]
+    first = results["auto"]
+    for result in results.values():
+        assert torch.equal(result.sigma_min, first.sigma_min)
+        assert result.train_accuracy == first.train_accuracy
+    # It still separates: clean samples keep 0, every corrupt one gets a level of the grid,
+    # and the classifier tells them apart (chance is 1/2).
+    corrupt = torch.arange(24) % 2 == 1
+    assert torch.equal(first.sigma_min == 0, ~corrupt)
+    assert torch.equal(first.annotated, torch.nonzero(corrupt).flatten())
+    assert bool(torch.isin(first.sigma_min[corrupt].float(), first.sigmas).all())
+    assert first.train_accuracy > 0.7
+
+
+def test_annotate_dry_run_validates_the_reader(tmp_path, capsys):
+    data = _shifted_digits(tmp_path, 4)
+    argv = ["annotate", "--src", str(data), "--classifier", "--dry-run"]
+    assert main(argv + ["--cache", "off", "--stream", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert "dataset read by torch" in out and '"cache": "off"' in out
+    assert main(argv + ["--cache-budget", "0"]) == 0
+    assert f"dataset read by {'dali' if dali_available() else 'torch'}" in capsys.readouterr().out
+    for bad, option in ((["--cache-budget", "lots"], "--cache-budget"), (["--stream", "pil"], "--stream"),
+                        (["--cache", "maybe"], "--cache")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv + bad)
+        assert exc.value.code == 2 and f"argument {option}" in capsys.readouterr().err

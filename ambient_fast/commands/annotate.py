@@ -9,6 +9,8 @@ methods:
                            jpeg:18 (1.6), jpeg:25 (1.3), jpeg:50 (1.2)
   --classifier             Ambient-o: a noisy-input clean-vs-corrupt classifier; each sample
                            gets the first sigma where P(corrupt) < 0.5 + epsilon
+                           (the dataset is read as `train` reads it: in memory when it fits
+                           --cache-budget, else streamed by DALI or torch; see --cache, --stream)
 
 examples:
   ambient-fast annotate --src data/cifar-blur --dst data/cifar-blur-ann --preset blur:0.6
@@ -22,11 +24,16 @@ import argparse
 from pathlib import Path
 
 from .options import (
+    add_input_arguments,
+    check_input_args,
+    check_network,
+    check_train_args,
     dump_dry_run,
     existing_dir,
     float_in,
     nonnegative_int,
     number,
+    open_dataset_arg,
     output_state,
     positive_float,
     positive_int,
@@ -83,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] (default: %(default)s)")
+    add_input_arguments(g)
     parser.add_argument("--dry-run", action="store_true", help="validate the options, print the plan, write nothing")
 
 
@@ -122,14 +130,17 @@ def run(args: argparse.Namespace) -> int:
                 "smooth_span",
                 "seed",
                 "device",
+                "cache",
+                "cache_budget_bytes",
+                "stream",
             )
         }
+        backend = _check_classifier_input(parser, args)
     else:
         config = {"sigma_min": level}
     if args.dry_run:
-        dump_dry_run(
-            f"annotate {args.src} into {args.dst or '<DST>'} ({'classifier' if args.classifier else 'fixed'})", config
-        )
+        how = f"classifier, dataset read by {backend}" if args.classifier else "fixed"
+        dump_dry_run(f"annotate {args.src} into {args.dst or '<DST>'} ({how})", config)
         return 0
     from ..loops.annotate import annotate_classifier, annotate_fixed
 
@@ -137,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         result = annotate_classifier(args.src, args.dst, **config)
         levels = result.sigma_min[result.annotated]
         print(
-            f"classifier accuracy {result.train_accuracy:.3f}; sigma_min of {len(levels)} corrupt samples: "
+            f"classifier accuracy {result.train_accuracy:.3f} (dataset read by {result.input_backend}); "
+            f"sigma_min of {len(levels)} corrupt samples: "
             f"median {float(levels.median()):.3f}, "
             f"10%-90% {float(levels.quantile(0.1)):.3f}-{float(levels.quantile(0.9)):.3f}"
         )
@@ -146,3 +158,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"sigma_min = {level:g} on every corrupt sample")
     print(f"wrote {args.dst}")
     return 0
+
+
+def _check_classifier_input(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The device exists, the dataset opens, the backbone is known and fits its samples, and
+    ``--cache``/``--stream`` name a reader that can read it: the backend they choose."""
+    check_train_args(parser, args)
+    dataset = open_dataset_arg(parser, "--src", args.src)
+    check_network(parser, args.network, None, tuple(dataset.sample_shape))
+    return check_input_args(parser, dataset, vars(args))

@@ -30,7 +30,10 @@ __all__ = [
     "existing_dir",
     "byte_size",
     "check_network",
+    "open_dataset_arg",
     "add_train_arguments",
+    "add_input_arguments",
+    "check_input_args",
     "train_kwargs_from_args",
     "check_train_args",
     "dump_dry_run",
@@ -135,9 +138,26 @@ def existing_dir(text: str) -> Path:
     return path
 
 
-def check_network(parser: argparse.ArgumentParser, name: str, kwargs: dict[str, Any] | None) -> None:
-    """``parser.error`` naming ``--network`` (an unknown name lists the known ones) or
-    ``--network-kwargs`` (unknown keys list the accepted ones; bad values say why)."""
+def open_dataset_arg(parser: argparse.ArgumentParser, flag: str, path: Path) -> Any:
+    """The dataset at ``path`` (``ambient_fast.data.open_dataset``), or ``parser.error``
+    naming ``flag`` and what is wrong with it."""
+    from ..data import DatasetError, open_dataset
+
+    try:
+        return open_dataset(path)
+    except (DatasetError, FileNotFoundError) as err:
+        parser.error(f"argument {flag}: {err}")
+
+
+def check_network(
+    parser: argparse.ArgumentParser,
+    name: str,
+    kwargs: dict[str, Any] | None,
+    sample_shape: tuple[int, ...] | None = None,
+) -> None:
+    """``parser.error`` naming ``--network`` (an unknown name lists the known ones; with
+    ``sample_shape``, a network that does not fit those samples) or ``--network-kwargs``
+    (unknown keys list the accepted ones; bad values say why)."""
     from ..nn import MLP_PRESETS, NETWORK_PRESETS, UNET_PRESETS, MLPConfig, UNetConfig
 
     known = (*NETWORK_PRESETS, "mlp", "unet")
@@ -156,6 +176,13 @@ def check_network(parser: argparse.ArgumentParser, name: str, kwargs: dict[str, 
         dataclasses.replace(base, **(kwargs or {}))
     except (TypeError, ValueError) as err:
         parser.error(f"argument --network-kwargs: {err}")
+    if sample_shape is not None:
+        from ..loops.train import network_kwargs_for
+
+        try:
+            network_kwargs_for(name, tuple(sample_shape), **(kwargs or {}))
+        except ValueError as err:
+            parser.error(f"argument --network: {err}")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
@@ -278,30 +305,53 @@ def add_train_arguments(parser: argparse.ArgumentParser, *, skip: tuple[str, ...
         metavar="STEPS",
         help="log every this many steps (default: %(default)s)",
     )
-    add(
-        "--cache",
-        choices=("auto", "on", "off"),
-        default=d["cache"],
-        help="hold the decoded dataset in memory (EDM's mode); auto = when it fits --cache-budget, else stream "
-        "(default: %(default)s)",
-    )
-    add(
-        "--cache-budget",
-        dest="cache_budget_bytes",
-        type=byte_size,
-        default=d["cache_budget_bytes"],
-        metavar="BYTES",
-        help="largest decoded dataset --cache auto keeps in memory, e.g. 512M, 4G (default: 4G)",
-    )
-    add(
-        "--stream",
-        choices=("auto", "dali", "torch"),
-        default=d["stream"],
-        help="reader when not cached: DALI (GPU decode on CUDA) or the torch DataLoader; auto = DALI if "
-        "installed (default: %(default)s)",
-    )
+    add_input_arguments(g, skip=skip)
     add("--seed", type=nonnegative_int, default=d["seed"], help="seed (default: %(default)s)")
     add("--device", default=d["device"], help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
+
+
+def add_input_arguments(group: argparse._ActionsContainer, *, skip: tuple[str, ...] = ()) -> None:
+    """Add ``--cache``, ``--cache-budget`` and ``--stream``: how a command reads its dataset
+    (:func:`ambient_fast.data.stream.choose_backend`; ``train``, ``loop``, ``annotate``)."""
+    from ..data.stream import CACHE_BUDGET_BYTES
+
+    if "cache" not in skip:
+        group.add_argument(
+            "--cache",
+            choices=("auto", "on", "off"),
+            default="auto",
+            help="hold the decoded dataset in memory (EDM's mode); auto = when it fits --cache-budget, else stream "
+            "(default: %(default)s)",
+        )
+    if "cache_budget_bytes" not in skip:
+        group.add_argument(
+            "--cache-budget",
+            dest="cache_budget_bytes",
+            type=byte_size,
+            default=CACHE_BUDGET_BYTES,
+            metavar="BYTES",
+            help="largest decoded dataset --cache auto keeps in memory, e.g. 512M, 4G (default: 4G)",
+        )
+    if "stream" not in skip:
+        group.add_argument(
+            "--stream",
+            choices=("auto", "dali", "torch"),
+            default="auto",
+            help="reader when not cached: DALI (GPU decode on CUDA) or the torch DataLoader; auto = DALI if "
+            "installed (default: %(default)s)",
+        )
+
+
+def check_input_args(parser: argparse.ArgumentParser, dataset: Any, options: dict[str, Any]) -> str:
+    """The backend that ``options``' ``cache`` / ``cache_budget_bytes`` / ``stream`` (e.g.
+    ``vars(args)``) choose for ``dataset``: ``"cache"``, ``"dali"`` or ``"torch"``; else
+    ``parser.error`` naming the option (``--stream dali`` without DALI, or on a tensor dataset)."""
+    from ..data.stream import choose_backend
+
+    try:
+        return choose_backend(dataset, options["cache"], options["cache_budget_bytes"], options["stream"])
+    except (ValueError, ImportError) as err:
+        parser.error(f"argument --stream: {err}")
 
 
 def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -25,10 +25,12 @@ from pathlib import Path
 
 from .options import (
     add_train_arguments,
+    check_input_args,
     check_network,
     check_train_args,
     dump_dry_run,
     existing_dir,
+    open_dataset_arg,
     train_kwargs_from_args,
 )
 
@@ -81,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
         data, init = args.data, args.init
     if init is not None and not Path(init).is_file():
         parser.error(f"argument --init: no such file: {init}")
-    check_network(parser, kwargs["network"], kwargs.get("network_kwargs"))
     _check_data(parser, data, kwargs)
     kwargs["init"] = str(init) if init is not None else None
     desc = args.desc or data.name
@@ -108,17 +109,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_data(parser: argparse.ArgumentParser, data: Path, kwargs: dict) -> None:
-    """The dataset opens, its annotation reads, and the network fits its samples."""
-    from ..data import DatasetError, open_dataset
-    from ..loops.train import network_kwargs_for
-
-    try:
-        dataset = open_dataset(data)
-    except (DatasetError, FileNotFoundError) as err:
-        parser.error(f"argument --data: {err}")
+    """The dataset opens, its annotation reads, the network fits its samples, and the input
+    options name a reader that exists."""
+    dataset = open_dataset_arg(parser, "--data", data)
     if kwargs.get("use_labels") and dataset.labels is None:
         parser.error(f"argument --use-labels: {data} has no class labels (dataset.json 'labels')")
-    try:
-        network_kwargs_for(kwargs["network"], tuple(dataset.sample_shape), **(kwargs.get("network_kwargs") or {}))
-    except ValueError as err:
-        parser.error(f"argument --network: {err}")
+    check_network(parser, kwargs["network"], kwargs.get("network_kwargs"), tuple(dataset.sample_shape))
+    check_input_args(parser, dataset, kwargs)

@@ -1,10 +1,12 @@
 """Streamed or cached reading: one rank's noise-level-first training batches (SPEC 3), and
 a dataset's images in file order for evaluation.
 
-:func:`open_training_input` is the one way the training loop reads data. Whatever the
-backend, the noise-level-first sampler chooses the order (sigma first, then a sample
-eligible at it), and every :class:`~ambient_fast.data.Batch` carries its samples' ids and
-training sigmas, so the same seed gives the same batches on every backend:
+:func:`open_training_input` is the one way training (``train``, ``loop``) and the classifier
+annotation (``annotate --classifier``) read data. Whatever the backend, a batch sampler
+chooses the order (for training the noise-level-first sampler: sigma first, then a sample
+eligible at it; for the annotation its ``ClassifierPlan``), and every
+:class:`~ambient_fast.data.Batch` carries its samples' ids (and training sigmas), so the same
+seed gives the same batches on every backend:
 
 - ``"cache"``: EDM's in-memory mode (``--cache``): the decoded dataset is held once, as
   uint8 images (float32 for tensor datasets) on the training device, and batches are
@@ -18,8 +20,8 @@ training sigmas, so the same seed gives the same batches on every backend:
 
 Images come out as float32 ``(u8 - 127.5) / 127.5`` in [-1, 1] on every backend.
 
-:func:`iter_images` streams a whole dataset in file order (``fid --samples``, the classifier
-annotation), through DALI where installed, else the torch loader.
+:func:`iter_images` streams a whole dataset in file order (``fid``), through DALI where
+installed, else the torch loader.
 """
 
 from __future__ import annotations

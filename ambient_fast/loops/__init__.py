@@ -14,8 +14,9 @@ Training [2, 3] (:mod:`.train`)
 
 Annotation [2] (:mod:`.annotate`)
     ``fixed_sigma_min(corruption, level)``, ``annotate_fixed(src, dst, sigma_min)``,
-    ``annotate_classifier(src, dst, ...) -> ClassifierAnnotation`` (Ambient-o), and its
-    pieces ``train_classifier``, ``classifier_probabilities`` (batched over samples x sigmas
+    ``annotate_classifier(src, dst, ...) -> ClassifierAnnotation`` (Ambient-o; reads through
+    the training input in a ``ClassifierPlan``'s order), and its pieces ``train_classifier``
+    (over a stream of batches), ``classifier_probabilities`` (batched over samples x sigmas
     x trials), ``smooth_along_sigma``, ``crossing_sigmas``, ``annotation_sigmas``.
 
 Evaluation (:mod:`.evaluate`)
@@ -41,6 +42,7 @@ reports (:mod:`.report`): ``plot_report``.
 
 from .annotate import (
     ClassifierAnnotation,
+    ClassifierPlan,
     annotate_classifier,
     annotate_fixed,
     annotation_sigmas,
@@ -59,6 +61,7 @@ __all__ = [
     "DEMO_PRESETS",
     "TRAIN_MODES",
     "ClassifierAnnotation",
+    "ClassifierPlan",
     "DemoResult",
     "LoopResult",
     "LoopVariant",

@@ -12,29 +12,43 @@ Two ways to say from which noise level on a corrupt sample can be trusted (SPEC 
   on, noise hides the corruption. The anchors run 2048 sigmas x 4 trials as single passes
   per image; here every (sample, sigma, trial) triple is one row of a large batch.
 
-The pure-tensor pieces (:func:`train_classifier`, :func:`classifier_probabilities`,
-:func:`crossing_sigmas`) work on any sample shape; the dataset-level functions read a
-dataset version and write a *new* version with the new ``annotations.jsonl`` (samples
-copied byte for byte) through :mod:`ambient_fast.data`; a source is never modified.
+The pieces (:func:`train_classifier` over a stream of batches,
+:func:`classifier_probabilities`, :func:`crossing_sigmas`) work on any sample shape; the
+dataset-level functions read a dataset version and write a *new* version with the new
+``annotations.jsonl`` (samples copied byte for byte) through :mod:`ambient_fast.data`; a
+source is never modified.
+
+:func:`annotate_classifier` reads through the training input
+(:func:`ambient_fast.data.stream.open_training_input`: the in-memory cache when the decoded
+set fits the budget, else a DALI / torch stream) in the order of one
+:class:`ClassifierPlan`: the classifier's training batches, then every corrupt sample once
+in dataset order, each batch carrying its sample ids; the crossings are written by id. Host
+memory holds the per-sample annotation and index arrays (8 bytes a sample each) but no
+images beyond the reader's prefetch queue (or the cache, where chosen).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..core.noise import STREAM_CLASSIFIER_EVAL, sample_normal
 from ..core.precond import edm_precond_coefficients
 from ..core.schedules import SIGMA_DATA
+from ..data.batch import Batch
+from ..data.stream import CACHE_BUDGET_BYTES
 
 __all__ = [
     "NoisyClassifier",
     "ClassifierAnnotation",
+    "ClassifierPlan",
     "fixed_sigma_min",
     "train_classifier",
     "classifier_probabilities",
@@ -45,7 +59,6 @@ __all__ = [
     "annotate_classifier",
     "write_annotated_version",
 ]
-
 
 
 def fixed_sigma_min(corruption: str, level: float) -> float:
@@ -102,64 +115,101 @@ class NoisyClassifier(nn.Module):
 class ClassifierAnnotation:
     """Result of :func:`annotate_classifier`: per-sample levels and the evidence behind them."""
 
-    sigma_min: torch.Tensor  # (N,) new annotation of every sample (0 for clean ones)
-    sigmas: torch.Tensor  # (S,) evaluation grid
-    probabilities: torch.Tensor  # (M, S) smoothed P(corrupt) of the M annotated samples
-    annotated: torch.Tensor  # (M,) indices of those samples in the dataset
+    sigma_min: torch.Tensor  # float64 (N,) new annotation of every sample (0 for clean ones)
+    sigmas: torch.Tensor  # float32 (S,) evaluation grid
+    annotated: torch.Tensor  # int64 (M,) dataset indices of the M annotated (corrupt) samples
     train_accuracy: float  # classifier accuracy on its last training batches
+    input_backend: str  # how the dataset was read: "cache", "dali" or "torch"
+
+
+class ClassifierPlan:
+    """The batch order of one classifier annotation, as lists of dataset indices: ``steps``
+    class-balanced training batches, then every corrupt sample once in dataset order (the
+    evaluation pass, ``eval_batch`` samples a batch).
+
+    Training batch ``t`` holds ``batch_size // 2`` clean samples then the rest corrupt,
+    uniformly with replacement, drawn from ``numpy.random.default_rng([seed, t])``: the plan
+    is the same whatever reads it (cache, DALI, torch) and however far that reader prefetches.
+
+    Args:
+        sigma_min: float ``(N,)`` the dataset's annotation (0 = clean, > 0 = corrupt).
+        steps: training batches.  batch_size: rows per training batch (>= 2).
+        eval_batch: samples per evaluation batch.  seed: the draws' seed.
+
+    ``batch_size`` (attribute) is the largest batch yielded, as the DALI reader requires.
+    """
+
+    def __init__(self, sigma_min: np.ndarray, *, steps: int, batch_size: int, eval_batch: int, seed: int) -> None:
+        sigma_min = np.asarray(sigma_min, dtype=np.float64)
+        self.clean = np.flatnonzero(sigma_min == 0)
+        self.corrupt = np.flatnonzero(sigma_min > 0)
+        if len(self.clean) == 0 or len(self.corrupt) == 0:
+            raise ValueError("classifier annotation needs both clean (sigma_min = 0) and corrupt (> 0) samples")
+        if steps < 1 or batch_size < 2 or eval_batch < 1:
+            raise ValueError(
+                f"need steps >= 1, batch_size >= 2, eval_batch >= 1; got {steps}, {batch_size}, {eval_batch}"
+            )
+        self.steps, self.train_batch, self.eval_batch, self.seed = int(steps), int(batch_size), int(eval_batch), seed
+        self.batch_size = max(self.train_batch, self.eval_batch)
+
+    def __len__(self) -> int:
+        return self.steps + -(-len(self.corrupt) // self.eval_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        half = self.train_batch // 2
+        for step in range(self.steps):
+            rng = np.random.default_rng([self.seed, step])
+            clean = self.clean[rng.integers(len(self.clean), size=half)]
+            corrupt = self.corrupt[rng.integers(len(self.corrupt), size=self.train_batch - half)]
+            yield np.concatenate([clean, corrupt]).tolist()
+        for start in range(0, len(self.corrupt), self.eval_batch):
+            yield self.corrupt[start : start + self.eval_batch].tolist()
 
 
 def train_classifier(
-    clean: torch.Tensor,
-    corrupt: torch.Tensor,
+    batches: Iterable[Batch],
     backbone: nn.Module,
+    sample_shape: tuple[int, ...],
     *,
+    steps: int,  # optimiser steps: the number of batches consumed
     sigma_lo: float = 0.01,  # lowest training noise level
     sigma_hi: float = 10.0,  # highest training noise level (log-uniform in between)
-    steps: int = 1500,  # optimiser steps
-    batch_size: int = 256,  # rows per step, half clean and half corrupt
     lr: float = 1e-3,  # Adam learning rate
-    seed: int = 0,  # data order and noise
+    seed: int = 0,  # noise levels and noise
     sigma_data: float = SIGMA_DATA,  # EDM sigma_data for the input scaling
+    device: torch.device | str = "cpu",  # where the classifier trains (the backbone is moved there)
     progress: Callable[[int], None] | None = None,  # called with the step count after each step
 ) -> tuple[NoisyClassifier, float]:
-    """Train a clean-vs-corrupt classifier on noisy inputs.
+    """Train a clean-vs-corrupt classifier on noisy inputs, one step per batch.
 
-    Batches are class balanced (so chance is 1/2, whatever the clean share), and sigma is
-    log-uniform on ``[sigma_lo, sigma_hi]`` so every level of the evaluation grid is
-    trained. Loss: binary cross-entropy with label 1 = corrupt.
-
-    Args:
-        clean: ``(Nc, ...)`` clean samples; ``corrupt``: ``(Nk, ...)`` corrupt samples.
-        backbone: feature network (see :class:`NoisyClassifier`), on the samples' device.
+    Each :class:`~ambient_fast.data.Batch` gives images ``(B, *sample_shape)`` and the label
+    ``sigma_min > 0`` (corrupt); batches should be class balanced (a :class:`ClassifierPlan`
+    is) so chance is 1/2. Sigma is log-uniform on ``[sigma_lo, sigma_hi]`` so every level of
+    the evaluation grid is trained; it and the noise come from one generator seeded with
+    ``seed`` on ``device``, drawn in step order. Loss: binary cross-entropy. Exactly
+    ``steps`` batches are taken from ``batches`` (an iterator is left at the next one).
 
     Returns:
         ``(classifier, accuracy)``: the trained model (eval mode) and its accuracy over the
         last 10% of steps.
     """
-    if clean.shape[1:] != corrupt.shape[1:]:
-        raise ValueError(
-            f"clean samples {tuple(clean.shape[1:])} and corrupt {tuple(corrupt.shape[1:])} differ in shape"
-        )
-    if len(clean) == 0 or len(corrupt) == 0:
-        raise ValueError("the classifier needs at least one clean and one corrupt sample")
-    device = clean.device
-    model = NoisyClassifier(backbone, tuple(clean.shape[1:]), sigma_data).to(device)
+    device = torch.device(device)
+    model = NoisyClassifier(backbone, tuple(sample_shape), sigma_data).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     # Linear decay to 0: the last steps average out the optimiser noise, which would
     # otherwise show as false confidence near chance, exactly where the crossing is read.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)
     gen = torch.Generator(device=device).manual_seed(seed)
-    half = batch_size // 2
-    labels = torch.cat([torch.zeros(half, device=device), torch.ones(batch_size - half, device=device)])
     log_lo, log_hi = math.log(sigma_lo), math.log(sigma_hi)
-    correct, seen = 0, 0
+    correct, seen, done = 0, 0, 0
     model.train()
-    for step in range(steps):
-        ic = torch.randint(len(clean), (half,), device=device, generator=gen)
-        ik = torch.randint(len(corrupt), (batch_size - half,), device=device, generator=gen)
-        y = torch.cat([clean[ic], corrupt[ik]]).float()
-        sigma = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(batch_size, device=device, generator=gen))
+    for step, batch in zip(range(steps), batches, strict=False):  # range first: no batch is drawn past steps
+        y = batch.images.to(device, non_blocking=True).float()
+        if tuple(y.shape[1:]) != tuple(sample_shape):
+            raise ValueError(f"batch samples {tuple(y.shape[1:])} differ from the classifier's {tuple(sample_shape)}")
+        labels = (batch.sigma_min > 0).to(device=device, dtype=torch.float32)
+        rows = y.shape[0]
+        sigma = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(rows, device=device, generator=gen))
         view = (-1,) + (1,) * (y.dim() - 1)
         x = y + sigma.view(view) * torch.randn(y.shape, device=device, generator=gen)
         logits = model(x, sigma)
@@ -170,9 +220,12 @@ def train_classifier(
         sched.step()
         if step >= steps - max(1, steps // 10):
             correct += int(((logits > 0).float() == labels).sum())
-            seen += batch_size
+            seen += rows
+        done = step + 1
         if progress is not None:
-            progress(step + 1)
+            progress(done)
+    if done < steps:
+        raise ValueError(f"the classifier's input ended after {done} of {steps} batches")
     model.eval()
     return model, correct / max(seen, 1)
 
@@ -301,58 +354,69 @@ def annotate_classifier(
     steps: int = 1500,  # classifier optimiser steps
     batch_size: int = 256,  # classifier batch
     lr: float = 1e-3,  # classifier learning rate (linear decay to 0)
-    batch_rows: int = 16384,  # rows per evaluation batch
+    batch_rows: int = 16384,  # rows (sample x sigma x trial) per evaluation batch
     seed: int = 0,  # classifier and noise seed
     device: str = "auto",  # "auto", "cpu", "cuda", ...
+    cache: Literal["auto", "on", "off"] = "auto",  # in-memory dataset; auto = when it fits cache_budget_bytes
+    cache_budget_bytes: int = CACHE_BUDGET_BYTES,  # decoded size up to which "auto" caches (4 GiB)
+    stream: Literal["auto", "dali", "torch"] = "auto",  # streaming reader when not cached; auto = DALI if installed
+    loader_threads: int = 2,  # DALI / cache decode threads
+    loader_workers: int = 2,  # torch DataLoader workers (torch stream)
 ) -> ClassifierAnnotation:
     """Classifier-based (Ambient-o) sigma_min for every corrupt sample of ``src``.
 
     Corrupt samples are those annotated ``sigma_min > 0`` in ``src`` (e.g. by ``corrupt``,
     a fixed preset, or a restoration); their level is replaced by the classifier's
-    crossing, clean ones keep 0. The result is written as a new version ``dst`` (samples
-    copied byte for byte, the evidence in its manifest), or nowhere when ``dst`` is None.
+    crossing, clean ones keep 0. The dataset is read like ``train`` reads it
+    (``cache`` / ``cache_budget_bytes`` / ``stream``, see
+    :func:`ambient_fast.data.stream.choose_backend`) in the order of a
+    :class:`ClassifierPlan`; every backend gives the same annotation for a seed. The result
+    is written as a new version ``dst`` (samples copied byte for byte, the evidence in its
+    manifest), or nowhere when ``dst`` is None.
     """
-    from ..data import load_dataset_tensors
+    from ..data import open_dataset
+    from ..data.stream import choose_backend, open_training_input
     from ..nn import build_network
     from ..runtime import resolve_device
     from .train import network_kwargs_for
 
     dev = resolve_device(device)
-    ds = load_dataset_tensors(src)
-    images = ds.images.to(dev)
-    corrupt_idx = torch.nonzero(ds.sigma_min > 0).flatten()
-    clean_idx = torch.nonzero(ds.sigma_min == 0).flatten()
-    if len(corrupt_idx) == 0 or len(clean_idx) == 0:
-        raise ValueError(f"{src}: classifier annotation needs both clean (sigma_min = 0) and corrupt (> 0) samples")
-    torch.manual_seed(seed)
-    backbone = build_network(
-        network, **network_kwargs_for(network, tuple(images.shape[1:]), **(network_kwargs or {}))
-    ).to(dev)
-    classifier, accuracy = train_classifier(
-        images[clean_idx.to(dev)],
-        images[corrupt_idx.to(dev)],
-        backbone,
-        sigma_lo=sigma_lo,
-        sigma_hi=sigma_hi,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-    )
+    dataset = open_dataset(src)
+    sample_shape = tuple(dataset.sample_shape)
     sigmas = annotation_sigmas(sigma_lo, sigma_hi, num_sigmas).to(dev)
-    probs = classifier_probabilities(
-        classifier,
-        images[corrupt_idx.to(dev)],
-        sigmas,
-        trials=trials,
-        batch_rows=batch_rows,
-        sample_ids=ds.ids[corrupt_idx].to(dev),
-        seed=seed,
+    try:
+        plan = ClassifierPlan(
+            dataset.sigma_min, steps=steps, batch_size=batch_size,
+            eval_batch=max(1, batch_rows // (num_sigmas * trials)), seed=seed,
+        )
+    except ValueError as err:
+        raise ValueError(f"{src}: {err}") from None
+    backend = choose_backend(dataset, cache, cache_budget_bytes, stream)
+    torch.manual_seed(seed)
+    backbone = build_network(network, **network_kwargs_for(network, sample_shape, **(network_kwargs or {})))
+    loader = open_training_input(
+        dataset, plan, backend=backend, device=dev, seed=seed, num_threads=loader_threads, num_workers=loader_workers
     )
-    smoothed = smooth_along_sigma(probs, smooth_span)
-    crossing = crossing_sigmas(smoothed, sigmas, epsilon=epsilon)
-    new = torch.zeros_like(ds.sigma_min)
-    new[corrupt_idx] = crossing.cpu().to(new.dtype)
+    batches = iter(loader)
+    classifier, accuracy = train_classifier(
+        batches, backbone, sample_shape, steps=steps, sigma_lo=sigma_lo, sigma_hi=sigma_hi, lr=lr, seed=seed,
+        device=dev,
+    )
+    # The evaluation pass: the rest of the plan, every corrupt sample once; per-sample noise
+    # is keyed by the id that travelled with the sample, so batching does not matter.
+    new = np.zeros(len(dataset), dtype=np.float64)
+    seen = np.zeros(len(dataset), dtype=bool)
+    for batch in batches:
+        probs = classifier_probabilities(
+            classifier, batch.images.to(dev), sigmas, trials=trials, batch_rows=batch_rows,
+            sample_ids=batch.sample_ids.to(dev), seed=seed,
+        )
+        ids = batch.sample_ids.numpy()
+        new[ids] = crossing_sigmas(probs, sigmas, epsilon=epsilon, smooth_span=smooth_span).cpu().double().numpy()
+        seen[ids] = True
+    if not seen[plan.corrupt].all() or seen.sum() != len(plan.corrupt):
+        raise RuntimeError(f"{src}: the evaluation pass did not cover exactly the corrupt samples")
+    levels, annotated = torch.from_numpy(new), torch.from_numpy(plan.corrupt)
     if dst is not None:
         params = {
             "network": network,
@@ -365,10 +429,10 @@ def annotate_classifier(
             "steps": steps,
             "seed": seed,
             "train_accuracy": accuracy,
-            "median_sigma_min": float(crossing.median()),
+            "median_sigma_min": float(levels[annotated].median()),
         }
-        write_annotated_version(src, dst, new, creator="ambient_fast.loops.annotate_classifier", params=params)
-    return ClassifierAnnotation(new, sigmas.cpu(), smoothed.cpu(), corrupt_idx, accuracy)
+        write_annotated_version(src, dst, levels, creator="ambient_fast.loops.annotate_classifier", params=params)
+    return ClassifierAnnotation(levels, sigmas.cpu(), annotated, accuracy, backend)
 
 
 def write_annotated_version(

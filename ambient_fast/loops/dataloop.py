@@ -206,10 +206,12 @@ def run_dataloop(
 
             say(f"[loop {k}/{loops}] re-annotate {record['data']} with the classifier -> {loop_dir / 'data'}")
             if dist.is_main:
+                reader_options = ("cache", "cache_budget_bytes", "stream")
+                reader = {name: v for name, v in (train_kwargs or {}).items() if name in reader_options}
                 annotate_classifier(
                     record["data"],
                     loop_dir / "data",
-                    **{"seed": seed, **(annotate_kwargs or {})},
+                    **{"seed": seed, **reader, **(annotate_kwargs or {})},  # read as training reads
                     device=str(dist.device),
                 )
             dist.barrier()
