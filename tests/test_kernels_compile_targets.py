@@ -181,8 +181,8 @@ def run_loss_matrix(device: str) -> None:
         # A backward with a per-sample upstream gradient (e.g. ``reduction="none"`` then a
         # weighted sum) launches the scale kernel on CUDA only (CPU tensors use torch.mul), so
         # the launch a CUDA backward makes is reproduced here with the public launcher.
-        from ambient_fast.kernels.ambient_loss import ambient_loss_bwd
         from ambient_fast.kernels._layout import empty_rows_like
+        from ambient_fast.kernels.ambient_loss import ambient_loss_bwd
 
         upstream = torch.linspace(0.5, 1.5, grad_unit.shape[0], device=grad_unit.device)
         ambient_loss_bwd(empty_rows_like(grad_unit), grad_unit, upstream)
