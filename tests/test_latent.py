@@ -15,12 +15,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
-import signal
 import string
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,6 +47,7 @@ from ambient_fast.samplers import restore
 from ambient_fast.samplers.edm import sample
 
 from .gaussian import random_spd
+from .test_restoration_dataset import kill_after_first_shard, tree_bytes
 
 T = 1000
 
@@ -655,10 +653,6 @@ def read_version(root: Path) -> tuple[object, list[Sample]]:
     return dataset, [dataset.read(i) for i in range(len(dataset))]
 
 
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_jpeg_caption_shards_in_restored_shards_out(sd_pipeline, caption_shards, tmp_path):
     """Keys, captions, metadata and unknown members pass through; clean JPEGs byte for byte;
     restored samples are PNG with the halved level, their latents stored, and each equals the
@@ -802,24 +796,7 @@ def test_killed_latent_run_resumes_to_identical_output(sd_pipeline, tmp_path):
     child = subprocess.Popen([sys.executable, str(script), str(sd_pipeline), str(src), str(dst)], env=env,
                              stderr=subprocess.PIPE)
 
-    def committed() -> int:
-        return len(list((staging_folder(dst) / ".chunks").glob("chunk-*.json")))
-
-    try:
-        deadline = time.monotonic() + 300
-        while committed() < 1:
-            assert child.poll() is None, child.stderr.read().decode()[-4000:]
-            assert time.monotonic() < deadline, "the child never committed a shard"
-            time.sleep(0.02)
-        time.sleep(random.Random(os.getpid()).uniform(0.0, 1.0))  # a random point after that
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == -signal.SIGKILL
-    assert not dst.exists(), "the run finished before the kill; make the child slower"
-    done = committed()
+    done = kill_after_first_shard(child, dst, timeout=300, max_delay=1.0)
     report = latent_run(sd_pipeline, src, dst)
     assert report.shards_resumed >= done >= 1
     assert tree_bytes(dst) == tree_bytes(tmp_path / "clean")

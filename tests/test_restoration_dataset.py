@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +67,30 @@ def tree_bytes(root: Path, *, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.relative_to(root).as_posix() not in skip
     }
+
+
+def kill_after_first_shard(child: subprocess.Popen, dst: Path, *, timeout: float, max_delay: float) -> int:
+    """SIGKILL ``child`` (a restoration into ``dst``) at a random point after its first committed
+    shard; returns the shards committed by then (the version writer's chunk records)."""
+
+    def committed() -> int:
+        return len(list((staging_folder(dst) / ".chunks").glob("chunk-*.json")))
+
+    try:
+        deadline = time.monotonic() + timeout
+        while committed() < 1:
+            assert child.poll() is None, child.stderr.read().decode()[-4000:]
+            assert time.monotonic() < deadline, "the child never committed a shard"
+            time.sleep(0.02)
+        time.sleep(random.Random(os.getpid()).uniform(0.0, max_delay))  # a random point after that
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == -signal.SIGKILL
+    assert not dst.exists(), "the run finished before the kill; make the child slower"
+    return committed()
 
 
 FAST = dict(num_steps=6, backend="torch", progress=False, num_workers=2)

@@ -5,18 +5,15 @@ an uninterrupted run (SPEC 5; ``restoration/resume.py``: the writer's chunk reco
 from __future__ import annotations
 
 import os
-import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
 from ambient_fast.restoration import restore_dataset, staging_folder
-from tests.test_restoration_dataset import FAST, make_denoiser, make_png_dataset, tree_bytes
+from tests.test_restoration_dataset import FAST, kill_after_first_shard, make_denoiser, make_png_dataset, tree_bytes
 
 OPTS = dict(batch_size=2, shard_size=4, model_fingerprint="tiny-0", **FAST)
 
@@ -48,11 +45,6 @@ restore_dataset(Slow(make_denoiser()).eval(), {src!r}, {dst!r}, **OPTS)
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def _journal_lines(dst: Path) -> int:
-    """Committed shards: the version writer's chunk records (the journal)."""
-    return len(list((staging_folder(dst) / ".chunks").glob("chunk-*.json")))
-
-
 def test_killed_run_resumes_to_identical_output(tmp_path: Path) -> None:
     src = make_png_dataset(tmp_path / "src")
     restore_dataset(make_denoiser(), src, tmp_path / "clean", **OPTS)
@@ -60,21 +52,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path: Path) -> None:
     script = textwrap.dedent(CHILD.format(tests=str(Path(__file__).parent), src=str(src), dst=str(dst)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while _journal_lines(dst) < 1:  # at least one shard finished
-            assert child.poll() is None, child.stderr.read().decode()
-            assert time.monotonic() < deadline, "the child never finished a shard"
-            time.sleep(0.02)
-        time.sleep(random.Random(os.getpid()).uniform(0.0, 0.6))  # a random point after that
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=60)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    assert child.returncode == -signal.SIGKILL
-    assert not dst.exists(), "the run finished before the kill; make the child slower"
-    done = _journal_lines(dst)
+    done = kill_after_first_shard(child, dst, timeout=120, max_delay=0.6)
     report = restore_dataset(make_denoiser(), src, dst, **OPTS)
     assert report.shards_resumed >= done >= 1
     assert tree_bytes(dst) == tree_bytes(tmp_path / "clean")
