@@ -106,15 +106,9 @@ def ambient_loss(
     cfg = resolve_config(schedule, target, mode, s_max, buffer, weight, sigma_data)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum', 'none' or 'mean_trained', got {reduction!r}")
-    check_same_layout("pred", pred, y_t=y_t, y_tmin=y_tmin)
-    batch, device = pred.shape[0], pred.device
-    check_per_sample_layout("sigma", sigma, batch, device)
-    check_per_sample_layout("sigma_min", sigma_min, batch, device)
-    if sigma_max is not None:
-        check_per_sample_layout("sigma_max", sigma_max, batch, device)
     tensor_weight = weight if isinstance(weight, torch.Tensor) else None
-    if tensor_weight is not None:
-        check_per_sample_layout("weight", tensor_weight, batch, device)
+    _check_layout(pred, y_t, y_tmin, sigma, sigma_min, sigma_max, tensor_weight)
+    batch, device = pred.shape[0], pred.device
     kernel = resolve_kernel(backend, device)
     checks = active(validate)
     if kernel != "torch" and not _other_inputs_need_grad(y_t, y_tmin, sigma, sigma_min, sigma_max, tensor_weight):
@@ -148,6 +142,64 @@ def ambient_loss(
         return per_sample.mean()
     trained = (per_sample != 0).sum().clamp(min=1)
     return per_sample.sum() / trained
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_layout(
+    pred: object,
+    y_t: object,
+    y_tmin: object,
+    sigma: object,
+    sigma_min: object,
+    sigma_max: object,
+    weight: torch.Tensor | None,
+) -> None:
+    """Types, shapes, dtypes and devices of the operands (no sync; the values are checked later).
+
+    The loss runs every training step, so the common case is one compound test; only when it
+    fails do the detailed checks run to name the argument (``check_same_layout``,
+    ``check_per_sample_layout``).
+    """
+    if (
+        isinstance(pred, torch.Tensor)
+        and isinstance(y_t, torch.Tensor)
+        and isinstance(y_tmin, torch.Tensor)
+        and isinstance(sigma, torch.Tensor)
+        and isinstance(sigma_min, torch.Tensor)
+        and sigma_max is None
+        and weight is None
+        and pred.dim() >= 1
+    ):
+        shape, dtype, device = pred.shape, pred.dtype, pred.device
+        batch = shape[:1]
+        if (
+            shape[0] >= 1
+            and dtype in _DTYPES
+            and y_t.shape == shape
+            and y_tmin.shape == shape
+            and y_t.dtype == dtype
+            and y_tmin.dtype == dtype
+            and y_t.device == device
+            and y_tmin.device == device
+            and sigma.shape == batch
+            and sigma_min.shape == batch
+            and sigma.is_floating_point()
+            and sigma_min.is_floating_point()
+            and sigma.device == device
+            and sigma_min.device == device
+        ):
+            return
+    # The detailed checks: each failure names its argument (these also cover sigma_max, weight).
+    check_same_layout("pred", pred, y_t=y_t, y_tmin=y_tmin)
+    batch, device = pred.shape[0], pred.device
+    check_per_sample_layout("sigma", sigma, batch, device)
+    check_per_sample_layout("sigma_min", sigma_min, batch, device)
+    if sigma_max is not None:
+        check_per_sample_layout("sigma_max", sigma_max, batch, device)
+    if weight is not None:
+        check_per_sample_layout("weight", weight, batch, device)
 
 
 def _other_inputs_need_grad(*tensors: torch.Tensor | None) -> bool:

@@ -4,6 +4,7 @@
 //   r_ij   = pred_ij + b_i y_t_ij + c_i y_tmin_ij          (a_i = 1 in every SPEC 2 row)
 //   loss_i = m_i w_i mean_j r_ij^2
 //   grad_ij = m_i (2 w_i / N) r_ij                          (gradient of sum_i loss_i)
+//   reduced = sum_i loss_i / grad_count                      (optional: batch mean or sum)
 //
 // Per sample, in the compute type (float64 for float64 storage, float32 otherwise) and with
 // the reference's operation order: the mask m_i (sigma_min == 0, sigma > scale*sigma_min +
@@ -19,10 +20,11 @@
 // Vectorisation (GCC 12.2, -fopt-info-vec-optimized and objdump of each clone): the
 // 16-lane loop of sum_squares is vectorised for all four storage types, with and without the
 // gradient store. float32/float64: 64-byte vectors (vmulps/vaddps on zmm) in the x86-64-v4
-// clone, 32-byte in x86-64-v3, 16-byte in the baseline. bf16/fp16: widened with vpmovzxwd +
-// vpslld (fp16 adds the exponent fix-up as vpternlogd/vpcmp selects), 32-byte float math in
-// both v3 and v4 (GCC picks V16HI for the 16 x 16-bit loads), gradient narrowed with
-// vpermt2w. fp16 only vectorises with -fno-trapping-math: without it GCC will not if-convert
+// clone (float64 only: float32 has no AVX-512 clone, see AF_LOSS_CHUNK), 32-byte in
+// x86-64-v3, 16-byte in the baseline. bf16/fp16: widened with vpmovzxwd + vpslld (fp16 adds
+// the exponent fix-up as vpternlogd/vpcmp selects), 32-byte float math in both v3 and v4
+// (GCC picks V16HI for the 16 x 16-bit loads), gradient narrowed with vpermt2w. The 16
+// accumulators are the same in every clone, so are the sums. fp16 only vectorises with -fno-trapping-math: without it GCC will not if-convert
 // the subnormal/inf selects ("control flow in loop"). No FMA anywhere (-ffp-contract=off).
 // The remainder loop (under 16 elements) keeps an in-order float64 sum.
 //
@@ -166,17 +168,20 @@ AF_INLINE bool any_nonfinite(const T* __restrict__ p, std::int64_t n) {
 }
 
 // One multiversioned overload per storage type; grad == nullptr selects the loss-only loop.
-#define AF_LOSS_CHUNK(T)                                                                         \
-  AF_CLONES double loss_chunk(const T* pred, const T* y_t, const T* y_tmin, T* grad, std::int64_t n, \
-                              compute_t<T> b, compute_t<T> c, compute_t<T> k) {                   \
+// float32 has no AVX-512 clone (4K aliasing of the gradient stores, see AF_STREAM_CLONES);
+// the 16-bit types and float64 keep it (bound by the conversions: bf16 at 16x4x64x64, 82 us
+// with AVX-512, 103 us without).
+#define AF_LOSS_CHUNK(T, CLONES)                                                                 \
+  CLONES double loss_chunk(const T* pred, const T* y_t, const T* y_tmin, T* grad, std::int64_t n, \
+                           compute_t<T> b, compute_t<T> c, compute_t<T> k) {                      \
     return grad == nullptr ? sum_squares<T, false>(pred, y_t, y_tmin, grad, n, b, c, k)          \
                            : sum_squares<T, true>(pred, y_t, y_tmin, grad, n, b, c, k);          \
   }                                                                                              \
   AF_CLONES bool nonfinite_chunk(const T* p, std::int64_t n) { return any_nonfinite<T>(p, n); }
-AF_LOSS_CHUNK(float)
-AF_LOSS_CHUNK(double)
-AF_LOSS_CHUNK(Half)
-AF_LOSS_CHUNK(BFloat16)
+AF_LOSS_CHUNK(float, AF_STREAM_CLONES)
+AF_LOSS_CHUNK(double, AF_CLONES)
+AF_LOSS_CHUNK(Half, AF_CLONES)
+AF_LOSS_CHUNK(BFloat16, AF_CLONES)
 #undef AF_LOSS_CHUNK
 
 template <typename T>
@@ -228,13 +233,17 @@ LossCheck run_loss(const LossArgs& a) {
       chunk_flags[task] = kGradOverflow;  // |grad_ij| <= k sqrt(sum_j r_ij^2): re-read only here
     }
   });
-  auto* loss = reinterpret_cast<C*>(a.loss);
+  // Without a loss buffer (only the reduction is wanted) the per-sample values stay here.
+  std::vector<C> own_loss(a.loss == 0 ? static_cast<std::size_t>(batch) : 0);
+  auto* loss = a.loss != 0 ? reinterpret_cast<C*>(a.loss) : own_loss.data();
   auto* flags = reinterpret_cast<std::int32_t*>(a.flags);
   LossCheck result;
+  double loss_sum = 0;
   for (std::int64_t i = 0; i < batch; ++i) {
     double total = 0;
     for (std::int64_t t = 0; t < per_row; ++t) total += partial[i * per_row + t];
     loss[i] = rows[i].train ? rows[i].w * static_cast<C>(total / static_cast<double>(numel)) : C(0);
+    loss_sum += static_cast<double>(loss[i]);
     if (!check) continue;
     std::int32_t bits = rows[i].flags;
     for (std::int64_t t = 0; t < per_row; ++t) bits |= chunk_flags[i * per_row + t];
@@ -243,6 +252,8 @@ LossCheck run_loss(const LossArgs& a) {
     if (bits > result.max_flag) result.max_flag = bits;
     if (bits >= 2 && result.first_bad < 0) result.first_bad = i;
   }
+  // The batch mean (grad_count = B) or sum (1), in row order in float64, rounded once.
+  if (a.reduced != 0) *reinterpret_cast<C*>(a.reduced) = static_cast<C>(loss_sum / static_cast<double>(a.grad_count));
   return result;
 }
 
@@ -251,8 +262,8 @@ LossCheck run_loss(const LossArgs& a) {
 LossCheck ambient_loss(const LossArgs& a) {
   AF_CHECK(a.batch >= 0, "ambient_loss: batch must be >= 0, got ", a.batch);
   AF_CHECK(a.numel >= 1, "ambient_loss: each sample needs at least one element, got ", a.numel);
-  AF_CHECK(a.batch == 0 || (a.loss != 0 && a.sigma.data != 0 && a.sigma_min.data != 0),
-           "ambient_loss: null loss or level pointer");
+  AF_CHECK(a.batch == 0 || ((a.loss != 0 || a.reduced != 0) && a.sigma.data != 0 && a.sigma_min.data != 0),
+           "ambient_loss: null level pointer, or neither a loss nor a reduced output");
   AF_CHECK(a.grad_count >= 1, "ambient_loss: grad_count must be >= 1, got ", a.grad_count);
   check_rows("pred", a.pred, a.batch);
   check_rows("y_t", a.y_t, a.batch);

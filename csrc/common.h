@@ -49,10 +49,23 @@ std::string concat(const Args&... args) {
 // (GCC target_clones): AVX-512 (x86-64-v4), AVX2 (x86-64-v3), and the build baseline.
 // Floating-point contraction is off for the whole build (setup.py: -ffp-contract=off), so
 // every clone rounds exactly like the scalar code and like the PyTorch reference.
+//
+// AF_STREAM_CLONES (AVX2 and the baseline, no AVX-512) is for the float32 streaming loops (the
+// loss pass and the solver steps: a few loads, a store, a handful of flops per element). They
+// are bound by memory, and AVX-512 buys them nothing there; it does cost them "4K aliasing": when
+// the output is 64-128 bytes ahead of an input modulo 4096, which is exactly where glibc puts
+// consecutive equal-sized tensors (each 1 MiB block is 64 bytes further along the page), the
+// 64-byte stores make the following loads wait. Measured (Zen 5, fp32 churn x + s*noise,
+// 262,144 elements, 1 thread): AVX-512 34.7 us with unrelated offsets, 44.2 us at +64 bytes;
+// AVX2 34.0 us at every offset; aten's addcmul 34.4 us. Results do not depend on the clone.
+// The 16-bit and float64 loops keep AF_CLONES: they are bound by conversions or divisions,
+// where AVX-512 wins by more than the aliasing costs.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define AF_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define AF_STREAM_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define AF_CLONES
+#define AF_STREAM_CLONES
 #endif
 #define AF_INLINE inline __attribute__((always_inline))
 

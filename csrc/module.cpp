@@ -2,6 +2,8 @@
 // Tensor operands are passed as (data pointer, row stride in elements) pairs and level
 // vectors as (data pointer, element stride, is float64) triples; ambient_fast/kernels/_native.py (with the op files) is the
 // only caller and owns validation and lifetimes. The sampler tables are numpy arrays.
+// The kernel entry points take their arguments positionally (the names document them and
+// still work as keywords): matching ~20 keywords is a measurable part of a small call.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -55,7 +57,7 @@ py::dict build_info() {
   info["max_threads"] = 1;
 #endif
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-  info["isa_clones"] = py::make_tuple("x86-64-v4", "x86-64-v3", "default");
+  info["isa_clones"] = py::make_tuple("x86-64-v4", "x86-64-v3", "default");  // float32 streaming loops: no v4
 #else
   info["isa_clones"] = py::make_tuple("default");
 #endif
@@ -77,14 +79,15 @@ PYBIND11_MODULE(_C, m) {
          const LevelsArg& sigma, const LevelsArg& sigma_min, const std::optional<LevelsArg>& sigma_max,
          const std::optional<LevelsArg>& weight, bool check, std::uintptr_t flags, std::int64_t grad_count,
          const std::string& schedule, const std::string& target,
-         bool contraction, double elig_scale, double elig_shift, bool edm_weight, double sigma_data) {
+         bool contraction, double elig_scale, double elig_shift, bool edm_weight, double sigma_data,
+         std::uintptr_t reduced) {
         check_choice("schedule", schedule, "ve", "vp");
         check_choice("target", target, "x0", "eps");
         LossArgs args{parse_dtype(dtype), batch, numel, loss, grad ? rows(*grad) : Rows{0, 0},
                       rows(pred), rows(y_t), rows(y_tmin), levels(sigma), levels(sigma_min),
                       optional_levels(sigma_max), optional_levels(weight), check, flags, grad_count,
                       LossOptions{schedule == "vp", target == "eps", contraction, elig_scale, elig_shift,
-                                  edm_weight, sigma_data}};
+                                  edm_weight, sigma_data}, reduced};
         LossCheck result;
         {
           py::gil_scoped_release release;
@@ -92,10 +95,11 @@ PYBIND11_MODULE(_C, m) {
         }
         return py::make_tuple(result.max_flag, result.first_bad);
       },
-      py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("loss"), py::arg("grad"),
+      py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("loss"), py::arg("grad"),
       py::arg("pred"), py::arg("y_t"), py::arg("y_tmin"), py::arg("sigma"), py::arg("sigma_min"),
       py::arg("sigma_max"), py::arg("weight"), py::arg("check"), py::arg("flags"), py::arg("grad_count"), py::arg("schedule"), py::arg("target"), py::arg("contraction"),
       py::arg("elig_scale"), py::arg("elig_shift"), py::arg("edm_weight"), py::arg("sigma_data"),
+      py::arg("reduced") = 0,
       R"doc(Fused per-sample ambient loss (SPEC 2), optionally with its gradient in the same pass.
 
 Writes loss (B,) float32 (float64 for float64 storage) = m_i w_i mean_j r_ij^2 with
@@ -105,7 +109,10 @@ contiguous elements each; sigma, sigma_min, sigma_max, weight are (pointer, elem
 is_float64) triples of (B,) float32/float64 levels (sigma_max None: zeros; weight None: no
 weight tensor). check: compute each row's check bits (LossFlag in ops.h: 1 = trains, larger
 bits = errors), written to flags when it is a (B,) int32 buffer (0: none). Returns (max flag,
-first row with an error bit or -1); (0, -1) without check. dtype: 'float32' | 'float64' | 'float16' | 'bfloat16'.
+first row with an error bit or -1); (0, -1) without check. reduced: a 0-d buffer of the loss
+dtype that receives sum_i loss_i / grad_count (the batch mean for grad_count = B, the sum
+for 1), added in row order in float64 and rounded once; 0: none. loss may be 0 when reduced
+is given (the per-sample values are then not returned). dtype: 'float32' | 'float64' | 'float16' | 'bfloat16'.
 Contract: per_sample_loss_reference.)doc");
 
   m.def(
@@ -114,7 +121,7 @@ Contract: per_sample_loss_reference.)doc");
          const RowsArg& denoised, const LevelsArg& sigma, const LevelsArg& sigma_next) {
         run_step(StepOp::euler, dtype, batch, numel, out, x, denoised, RowsArg{0, 0}, sigma, sigma_next, 1.0);
       },
-      py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
+      py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
       py::arg("denoised"), py::arg("sigma"), py::arg("sigma_next"),
       R"doc(out = x + (sigma_next - sigma) (x - denoised) / sigma (SPEC 4), one pass.
 
@@ -127,7 +134,7 @@ sigma_next are (pointer, element stride, is_float64) triples of (B,) float32/flo
          const RowsArg& denoised, const RowsArg& denoised_next, const LevelsArg& sigma, const LevelsArg& sigma_next) {
         run_step(StepOp::heun, dtype, batch, numel, out, x, denoised, denoised_next, sigma, sigma_next, 1.0);
       },
-      py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
+      py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
       py::arg("denoised"), py::arg("denoised_next"), py::arg("sigma"), py::arg("sigma_next"),
       R"doc(Heun's second stage (SPEC 4) from x, D(x, sigma) and D(x_euler, sigma_next), one pass.
 
@@ -140,7 +147,7 @@ Contract: core.solver_step.heun_step.)doc");
          const RowsArg& noise, const LevelsArg& sigma, const LevelsArg& sigma_hat, double S_noise) {
         run_step(StepOp::churn, dtype, batch, numel, out, x, noise, RowsArg{0, 0}, sigma, sigma_hat, S_noise);
       },
-      py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
+      py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
       py::arg("noise"), py::arg("sigma"), py::arg("sigma_hat"), py::arg("S_noise"),
       R"doc(out = x + sqrt(max(sigma_hat^2 - sigma^2, 0)) S_noise noise (SPEC 4), one pass.
 
@@ -152,7 +159,7 @@ Contract: core.solver_step.churn_step.)doc");
          const RowsArg& denoised, const RowsArg& noise, const LevelsArg& sigma, const LevelsArg& sigma_next) {
         run_step(StepOp::ancestral, dtype, batch, numel, out, x, denoised, noise, sigma, sigma_next, 1.0);
       },
-      py::kw_only(), py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
+      py::arg("dtype"), py::arg("batch"), py::arg("numel"), py::arg("out"), py::arg("x"),
       py::arg("denoised"), py::arg("noise"), py::arg("sigma"), py::arg("sigma_next"),
       R"doc(out = D + r^2 (x - D) + sigma_next sqrt(1 - r^2) noise, r = sigma_next / sigma (SPEC 5).
 

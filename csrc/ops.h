@@ -37,7 +37,7 @@ struct LossArgs {
   DType dtype;            // storage type of pred, y_t, y_tmin and grad
   std::int64_t batch;     // B
   std::int64_t numel;     // N elements per sample
-  std::uintptr_t loss;    // out (B,) float32, float64 for float64 storage
+  std::uintptr_t loss;    // out (B,) float32, float64 for float64 storage; 0: only `reduced`
   Rows grad;              // out (B, N) d sum_i loss_i / d pred / grad_count, storage type; data 0 = none
   Rows pred, y_t, y_tmin; // (B, N)
   Levels sigma, sigma_min;  // (B,)
@@ -47,6 +47,7 @@ struct LossArgs {
   std::uintptr_t flags;   // out (B,) int32 LossFlag bits when checking, or 0 (only the summary is returned)
   std::int64_t grad_count = 1;  // the gradient is divided by this (B for a mean over the batch)
   LossOptions options;
+  std::uintptr_t reduced = 0;   // out 0-d (compute type) sum_i loss_i / grad_count, or 0: not reduced
 };
 
 struct LossCheck {

@@ -18,8 +18,11 @@
 // Vectorisation (GCC 12.2, -fopt-info-vec-optimized and objdump of each clone): every
 // map_rows loop (5 maps x 4 storage types) is vectorised, 64-byte vectors (vdivps/vdivpd on
 // zmm) in the x86-64-v4 clone, 32-byte in x86-64-v3, 16-byte in the baseline, with a
-// vectorised epilogue. The loops stream 3-4 arrays once and are bound by memory bandwidth,
-// not by the divisions, which are kept to match the reference's rounding.
+// vectorised epilogue. The float32 loops stream 3-4 arrays once and are bound by memory
+// bandwidth, not by the divisions (kept to match the reference's rounding); they have no
+// AVX-512 clone on purpose (AF_STREAM_CLONES in common.h): its 64-byte stores stall on 4K
+// aliasing at the offsets glibc gives consecutive tensors (fp32 churn at 16x4x64x64: 47.7 ->
+// 37.5 us per call).
 #include "ops.h"
 
 #include <algorithm>
@@ -74,22 +77,25 @@ AF_INLINE void map_rows(T* __restrict__ out, const T* __restrict__ x, const T* _
   }
 }
 
-// One multiversioned overload per (storage type, map).
-#define AF_STEP_CHUNK(T, OP, INPUTS)                                                          \
-  AF_CLONES void step_chunk(T* out, const T* x, const T* a, const T* b, std::int64_t n,      \
-                            const OP<compute_t<T>>& op) {                                    \
-    map_rows<T, INPUTS>(out, x, a, b, n, op);                                                \
+// One multiversioned overload per (storage type, map). float32 has no AVX-512 clone (4K
+// aliasing, see AF_STREAM_CLONES); the 16-bit types and float64 keep it: their loops are
+// bound by the conversions or the 8-lane divisions, where the wider vectors win (bf16 Euler
+// at 16x4x64x64: 64 us with AVX-512, 103 us without).
+#define AF_STEP_CHUNK(T, OP, INPUTS, CLONES)                                                  \
+  CLONES void step_chunk(T* out, const T* x, const T* a, const T* b, std::int64_t n,          \
+                         const OP<compute_t<T>>& op) {                                        \
+    map_rows<T, INPUTS>(out, x, a, b, n, op);                                                 \
   }
-#define AF_STEP_CHUNKS(T)                                                                     \
-  AF_STEP_CHUNK(T, Euler, 2)                                                                  \
-  AF_STEP_CHUNK(T, HeunCorrect, 3)                                                            \
-  AF_STEP_CHUNK(T, HeunLast, 2)                                                               \
-  AF_STEP_CHUNK(T, Churn, 2)                                                                  \
-  AF_STEP_CHUNK(T, Ancestral, 3)
-AF_STEP_CHUNKS(float)
-AF_STEP_CHUNKS(double)
-AF_STEP_CHUNKS(Half)
-AF_STEP_CHUNKS(BFloat16)
+#define AF_STEP_CHUNKS(T, CLONES)                                                             \
+  AF_STEP_CHUNK(T, Euler, 2, CLONES)                                                          \
+  AF_STEP_CHUNK(T, HeunCorrect, 3, CLONES)                                                    \
+  AF_STEP_CHUNK(T, HeunLast, 2, CLONES)                                                       \
+  AF_STEP_CHUNK(T, Churn, 2, CLONES)                                                          \
+  AF_STEP_CHUNK(T, Ancestral, 3, CLONES)
+AF_STEP_CHUNKS(float, AF_STREAM_CLONES)
+AF_STEP_CHUNKS(double, AF_CLONES)
+AF_STEP_CHUNKS(Half, AF_CLONES)
+AF_STEP_CHUNKS(BFloat16, AF_CLONES)
 #undef AF_STEP_CHUNKS
 #undef AF_STEP_CHUNK
 

@@ -64,6 +64,61 @@ def test_layout_mismatches_are_named():
         af.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, s_max=1.0)
 
 
+def _detailed_layout_checks(pred, y_t, y_tmin, sigma, sigma_min):
+    from ambient_fast.core.validation import check_per_sample_layout, check_same_layout
+
+    check_same_layout("pred", pred, y_t=y_t, y_tmin=y_tmin)
+    check_per_sample_layout("sigma", sigma, pred.shape[0], pred.device)
+    check_per_sample_layout("sigma_min", sigma_min, pred.shape[0], pred.device)
+
+
+@pytest.mark.parametrize(
+    "perturb",
+    [
+        "none", "y_t shape", "y_tmin shape", "y_t dtype", "y_tmin dtype", "pred 0-d", "pred empty-batch",
+        "pred int", "sigma shape", "sigma_min shape", "sigma int", "sigma_min 2-d", "sigma float", "y_t list",
+        "pred fp16", "pred bf16", "pred fp64", "sigma fp64", "y_t meta", "sigma meta", "sigma_min meta",
+    ],
+)
+def test_the_loss_fast_layout_check_accepts_exactly_what_the_detailed_checks_accept(perturb):
+    """``loss._check_layout`` tests the common case in one expression and falls back to the
+    named checks; it must refuse (with the named error) every layout they refuse."""
+    from ambient_fast.loss import _check_layout
+
+    args = dict(zip(["pred", "y_t", "y_tmin", "sigma", "sigma_min"], _batch(), strict=True))
+    what, change = perturb.rsplit(" ", 1) if perturb != "none" else ("pred", "none")
+    t = args[what]
+    args[what] = {
+        "none": lambda: t,
+        "shape": lambda: t[:, :2] if t.dim() > 1 else t[:3],
+        "dtype": lambda: t.double(),
+        "0-d": lambda: t[0, 0],
+        "empty-batch": lambda: t[:0],
+        "int": lambda: t.long(),
+        "2-d": lambda: t[:, None],
+        "float": lambda: 0.5,
+        "list": lambda: t.tolist(),
+        "fp16": lambda: t.half(),
+        "bf16": lambda: t.bfloat16(),
+        "fp64": lambda: t.double(),
+        "meta": lambda: t.to("meta"),
+    }[change]()
+    if change in ("fp16", "bf16", "fp64") and what == "pred":
+        args["y_t"], args["y_tmin"] = args["y_t"].to(args["pred"].dtype), args["y_tmin"].to(args["pred"].dtype)
+    try:
+        _detailed_layout_checks(*args.values())
+        expected = None
+    except (TypeError, ValueError) as error:
+        expected = (type(error), str(error))
+    if expected is None:
+        _check_layout(*args.values(), None, None)
+    else:
+        with pytest.raises(expected[0]) as raised:
+            _check_layout(*args.values(), None, None)
+        assert str(raised.value) == expected[1]
+    assert (expected is None) == (perturb in ("none", "pred fp16", "pred bf16", "pred fp64", "sigma fp64"))
+
+
 def test_no_eligible_sample_gives_zero_with_a_warning_not_nan():
     pred, y_t, y_tmin, _, _ = _batch()
     sigma = torch.full((4,), 0.5)

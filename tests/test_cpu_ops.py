@@ -465,6 +465,41 @@ def test_kernel_pass_writes_the_check_flags(with_grad):
     assert ambient_loss_cpp_fwd(loss, grad, *inputs, None, LossConfig()) == (0, -1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kernel_reduces_the_batch_in_float64_row_order(dtype, reduction):
+    """The public mean/sum on CPU comes from the kernel pass itself (no separate reduction op):
+    the per-sample losses added in row order in float64, divided by B for the mean, rounded once."""
+    g = torch.Generator().manual_seed(3)
+    batch = 37
+    pred, y_t, y_tmin = (torch.randn(batch, 3, 5, 7, generator=g).to(dtype) for _ in range(3))
+    sigma, sigma_min, _ = _levels(batch, "ve", g)
+    leaf = pred.clone().requires_grad_(True)
+    per_sample = ambient_fast.ambient_loss(pred, y_t, y_tmin, sigma, sigma_min, backend="cpp", reduction="none")
+    got = ambient_fast.ambient_loss(leaf, y_t, y_tmin, sigma, sigma_min, backend="cpp", reduction=reduction)
+    total = 0.0
+    for value in per_sample.double().tolist():
+        total += value
+    expected = torch.tensor(total / (batch if reduction == "mean" else 1), dtype=torch.float64).to(per_sample.dtype)
+    assert got.dim() == 0 and got.dtype == per_sample.dtype
+    assert got.item() == expected.item()
+    reference = per_sample_loss_reference(
+        pred.double(), y_t.double(), y_tmin.double(), sigma.double(), sigma_min.double(), torch.zeros(batch).double(),
+        None, LossConfig(),
+    )
+    want = reference.mean() if reduction == "mean" else reference.sum()
+    assert math.isclose(got.item(), want.item(), rel_tol=1e-5 if dtype != torch.bfloat16 else 2e-2)
+    got.backward()  # the gradient of the kernel's reduction is the one written in the same pass
+    ref_leaf = pred.double().requires_grad_(True)
+    ref = per_sample_loss_reference(
+        ref_leaf, y_t.double(), y_tmin.double(), sigma.double(), sigma_min.double(), torch.zeros(batch).double(),
+        None, LossConfig(),
+    )
+    (ref.mean() if reduction == "mean" else ref.sum()).backward()
+    tol = 1e-5 if dtype != torch.bfloat16 else 2e-2
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=tol, atol=tol * ref_leaf.grad.abs().max().item())
+
+
 def test_public_loss_names_a_nan_in_a_row_that_does_not_train():
     (pred, y_t, y_tmin, sigma, sigma_min, sigma_max), _ = _flag_case()
     clean = [0, 7]

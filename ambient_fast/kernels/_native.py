@@ -27,6 +27,7 @@ __all__ = [
     "rows",
     "run_step",
     "same_dtype",
+    "STEP_ARGUMENTS",
 ]
 
 DTYPE_NAMES = {
@@ -87,37 +88,52 @@ def same_dtype(tensors: list[torch.Tensor], reference: torch.Tensor) -> list[tor
     return [t.to(compute) for t in tensors]
 
 
-def run_step(name: str, x: torch.Tensor, inputs: dict, level_args: dict, **kernel_args) -> torch.Tensor:
+# The (B, ...) inputs after x and the (B,) levels of each C++ step, in _C's argument order
+# (out, x, *inputs, *levels, *scalars); the names are for error messages.
+STEP_ARGUMENTS = {
+    "euler_step": (("denoised",), ("sigma", "sigma_next")),
+    "heun_step": (("denoised", "denoised_next"), ("sigma", "sigma_next")),
+    "churn_step": (("noise",), ("sigma", "sigma_hat")),
+    "ancestral_step": (("denoised", "noise"), ("sigma", "sigma_next")),
+}
+
+
+def run_step(name: str, x: torch.Tensor, inputs: tuple, level_args: tuple, *scalars: float) -> torch.Tensor:
     """Run the C++ step ``name`` (``_C.<name>``): ``x`` and ``inputs`` ``(B, ...)`` of one shape,
-    ``level_args`` ``(B,)``; returns a new contiguous tensor of ``x``'s shape and dtype."""
-    ext = extension()
+    ``level_args`` ``(B,)``, both in the order of :data:`STEP_ARGUMENTS`, then the op's
+    scalars; returns a new contiguous tensor of ``x``'s shape and dtype.
+
+    This is the sampler's per-step path, so it does the least Python that keeps every check:
+    one pass over the operands, positional arguments to ``_C``.
+    """
+    kernel = getattr(extension(), name)
     if x.dim() < 1:
         raise ValueError(f"{name}: x must be batched (B, ...), got a 0-d tensor")
     shape, dtype = x.shape, x.dtype
     batch = shape[0]
     mixed = False
-    for arg, t in inputs.items():
+    for i, t in enumerate(inputs):
         if t.shape != shape:
+            arg = STEP_ARGUMENTS[name][0][i]
             raise ValueError(f"{name}: {arg} shape {tuple(t.shape)} differs from x's {tuple(shape)}")
         mixed = mixed or t.dtype != dtype
-    for arg, t in level_args.items():
+    for i, t in enumerate(level_args):
         if t.shape != (batch,):
+            arg = STEP_ARGUMENTS[name][1][i]
             raise ValueError(f"{name}: {arg} must have shape ({batch},), got {tuple(t.shape)}")
-    # Every converted or copied tensor stays referenced (in these locals) until the call returns.
-    level_tensors = {arg: levels(t) for arg, t in level_args.items()}
     storage = compute_dtype(dtype) if mixed else dtype
-    x_rows = rows(x if not mixed else x.to(storage))
-    input_rows = {arg: rows(t if not mixed else t.to(storage)) for arg, t in inputs.items()}
+    # Every converted or copied tensor stays referenced (in these lists) until the call returns.
+    level_tensors = [levels(t) for t in level_args]
+    row_tensors = [rows(t if not mixed else t.to(storage)) for t in (x, *inputs)]
     numel = x.numel() // batch if batch else 0
     out = torch.empty_like(x, dtype=storage, memory_format=torch.contiguous_format)
-    getattr(ext, name)(
-        dtype=DTYPE_NAMES[storage],
-        batch=batch,
-        numel=numel,
-        out=(out.data_ptr(), numel),
-        x=x_rows[1],
-        **{arg: r for arg, (_, r) in input_rows.items()},
-        **{arg: triple for arg, (_, triple) in level_tensors.items()},
-        **kernel_args,
+    kernel(
+        DTYPE_NAMES[storage],
+        batch,
+        numel,
+        (out.data_ptr(), numel),
+        *[r for _, r in row_tensors],
+        *[triple for _, triple in level_tensors],
+        *scalars,
     )
     return out if storage == dtype else out.to(dtype)

@@ -12,6 +12,8 @@
 # gradient, writes d loss_i / d pred_ij = 2 m_i w_i r_ij / (N * grad_count) in pred's dtype
 # during the same pass (Liger-style): with grad_count = B that is already the gradient of the
 # batch mean, and the backward of a mean/sum whose upstream gradient is 1 returns it as is.
+# On CPU the same kernel call also reduces the batch (float64, row order), so the public
+# mean/sum is one C++ call with no reduction op after it.
 #
 # Checks (``check=True``, eager only): the same pass writes per-sample flags (FLAG_* below, the
 # bits of csrc/ops.h LossFlag): NaN/Inf in pred, y_t or y_tmin, invalid levels (sigma <= 0,
@@ -474,20 +476,21 @@ def ambient_loss_bwd(
 
 
 def ambient_loss_cpp_fwd(
-    loss: torch.Tensor,
+    loss: torch.Tensor | None,
     grad: torch.Tensor | None,
     pred: torch.Tensor,
     y_t: torch.Tensor,
     y_tmin: torch.Tensor,
     sigma: torch.Tensor,
     sigma_min: torch.Tensor,
-    sigma_max: torch.Tensor,
+    sigma_max: torch.Tensor | None,
     weight: torch.Tensor | None,
     cfg: LossConfig,
     *,
     check: bool = False,
     flags: torch.Tensor | None = None,
     grad_count: int = 1,
+    reduced: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """C++: the contract of :func:`ambient_loss_fwd` on CPU tensors (``sigma_max`` may be None: zeros).
 
@@ -495,8 +498,10 @@ def ambient_loss_cpp_fwd(
     given, else only summarised in the return value.
 
     ``grad``: contiguous, in ``pred``'s dtype (in the compute dtype when the inputs' dtypes
-    differ: they are converted to it first). Returns ``(largest flag, first row with an error flag
-    or -1)``; ``(0, -1)`` without ``check``.
+    differ: they are converted to it first). ``reduced``: a 0-d tensor of the loss dtype
+    that receives ``loss.sum() / grad_count`` (the batch mean with ``grad_count = B``), added
+    in float64 in row order; ``loss`` may then be None (the per-sample values are not kept).
+    Returns ``(largest flag, first row with an error flag or -1)``; ``(0, -1)`` without ``check``.
     """
     ext = _native.extension()
     batch = pred.shape[0]
@@ -514,30 +519,30 @@ def ambient_loss_cpp_fwd(
     sm, sm_arg = _native.levels(sigma_min)
     smax, smax_arg = _native.levels(sigma_max) if sigma_max is not None else (None, None)
     w, w_arg = _native.levels(weight) if weight is not None else (None, None)
+    # Positional, in _C.ambient_loss's order (matching ~20 keywords costs microseconds per call).
     return ext.ambient_loss(
-        dtype=_native.DTYPE_NAMES[p.dtype],
-        batch=batch,
-        numel=numel,
-        loss=loss.data_ptr(),
-        grad=(grad.data_ptr(), numel) if grad is not None else None,
-        pred=p_arg,
-        y_t=yt_arg,
-        y_tmin=ytm_arg,
-        sigma=s_arg,
-        sigma_min=sm_arg,
-        sigma_max=smax_arg,
-        weight=w_arg,
-        check=check,
-        flags=flags.data_ptr() if flags is not None else 0,
-        grad_count=grad_count,
-        schedule=cfg.schedule,
-        target=cfg.target,
-        contraction=cfg.contraction,
-        elig_scale=cfg.elig_scale,
-        elig_shift=cfg.elig_shift,
-        edm_weight=cfg.edm_weight,
-        sigma_data=cfg.sigma_data,
+        _native.DTYPE_NAMES[p.dtype], batch, numel, loss.data_ptr() if loss is not None else 0,
+        (grad.data_ptr(), numel) if grad is not None else None,
+        p_arg, yt_arg, ytm_arg, s_arg, sm_arg, smax_arg, w_arg,
+        check, flags.data_ptr() if flags is not None else 0, grad_count,
+        *_native_options(cfg),
+        reduced.data_ptr() if reduced is not None else 0,
     )
+
+
+_NATIVE_OPTIONS: dict[LossConfig, tuple] = {}
+
+
+def _native_options(cfg: LossConfig) -> tuple:
+    """``cfg`` as _C.ambient_loss's trailing option arguments (memoised: a training run uses one)."""
+    options = _NATIVE_OPTIONS.get(cfg)
+    if options is None:
+        options = (
+            cfg.schedule, cfg.target, bool(cfg.contraction), float(cfg.elig_scale), float(cfg.elig_shift),
+            bool(cfg.edm_weight), float(cfg.sigma_data),
+        )
+        _NATIVE_OPTIONS[cfg] = options
+    return options
 
 
 def check_operands(
@@ -598,24 +603,13 @@ def _forward(
     or None, largest flag)``: C++ returns the largest flag without a sync (and every row's flags
     only when one is an error); Triton gives the flags, which the caller reduces (one sync).
     """
+    if kernel == "cpp":
+        loss, _, grad, flags, largest = _cpp_forward(
+            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, need_grad, check, grad_count, False
+        )
+        return loss, grad, flags, largest
     batch = pred.shape[0]
     compute = _native.compute_dtype(pred.dtype)
-    if kernel == "cpp":
-        loss = torch.empty(batch, dtype=compute)
-        mixed = y_t.dtype != pred.dtype or y_tmin.dtype != pred.dtype
-        grad = None
-        if need_grad:
-            storage = compute if mixed else pred.dtype
-            grad = torch.empty_like(pred, dtype=storage, memory_format=torch.contiguous_format)
-        args = (loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
-        largest, _ = ambient_loss_cpp_fwd(*args, check=check, grad_count=grad_count)
-        flags = None
-        if largest >= 2:  # error path: run again to get every row's flags
-            flags = torch.zeros(batch, dtype=torch.int32)
-            ambient_loss_cpp_fwd(*args, check=True, flags=flags, grad_count=grad_count)
-        if grad is not None and grad.dtype != pred.dtype:
-            grad = grad.to(pred.dtype)
-        return loss, grad, flags, largest if check else None
     loss = torch.empty(batch, dtype=compute, device=pred.device)
     if sigma_max is None:
         sigma_max = torch.zeros(batch, dtype=sigma.dtype, device=sigma.device)
@@ -625,6 +619,44 @@ def _forward(
         loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, flags=flags, grad_count=grad_count
     )
     return loss, grad, flags, None
+
+
+def _cpp_forward(
+    pred: torch.Tensor,
+    y_t: torch.Tensor,
+    y_tmin: torch.Tensor,
+    sigma: torch.Tensor,
+    sigma_min: torch.Tensor,
+    sigma_max: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    cfg: LossConfig,
+    need_grad: bool,
+    check: bool,
+    grad_count: int,
+    reduce: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int | None]:
+    """The C++ kernel: ``(loss (B,) or None, reduced 0-d or None, gradient or None, flags or None, largest flag)``.
+
+    ``reduce``: the kernel writes only ``loss.sum() / grad_count`` (no per-sample buffer, no
+    separate reduction op). The largest flag comes back without a sync; every row's flags only
+    when one is an error.
+    """
+    compute = torch.float64 if pred.dtype is torch.float64 else torch.float32
+    loss = None if reduce else torch.empty(pred.shape[0], dtype=compute)
+    reduced = torch.empty((), dtype=compute) if reduce else None
+    grad = None
+    if need_grad:
+        mixed = y_t.dtype is not pred.dtype or y_tmin.dtype is not pred.dtype
+        grad = torch.empty_like(pred, dtype=compute if mixed else pred.dtype, memory_format=torch.contiguous_format)
+    args = (loss, grad, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg)
+    largest, _ = ambient_loss_cpp_fwd(*args, check=check, grad_count=grad_count, reduced=reduced)
+    flags = None
+    if largest >= 2:  # error path: run again to get every row's flags
+        flags = torch.zeros(pred.shape[0], dtype=torch.int32)
+        ambient_loss_cpp_fwd(*args, check=True, flags=flags, grad_count=grad_count, reduced=reduced)
+    if grad is not None and grad.dtype is not pred.dtype:
+        grad = grad.to(pred.dtype)
+    return loss, reduced, grad, flags, largest if check else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -727,10 +759,17 @@ def _eager_forward(
     For ``reduction`` "mean"/"sum" the loss is reduced here and the gradient is that of the
     reduced loss; for "none"/"mean_trained" the loss is ``(B,)`` (the caller reduces).
     """
+    reduce = reduction == "mean" or reduction == "sum"
     count = pred.shape[0] if reduction == "mean" else 1
-    loss, grad, flags, largest = _forward(
-        pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, need_grad, kernel, check, count
-    )
+    if kernel == "cpp":
+        loss, reduced, grad, flags, largest = _cpp_forward(
+            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, need_grad, check, count, reduce
+        )
+    else:
+        loss, grad, flags, largest = _forward(
+            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, need_grad, kernel, check, count
+        )
+        reduced = None
     if check:
         if largest is None:
             largest = int(flags.max())  # Triton: one B-element reduction and one sync
@@ -740,6 +779,8 @@ def _eager_forward(
             warnings.warn(
                 "ambient_loss: no sample in the batch is eligible at its sigma; the loss is 0", stacklevel=stacklevel
             )
+    if reduced is not None:
+        return reduced, grad
     if reduction == "mean":
         return loss.mean(), grad
     if reduction == "sum":
@@ -758,13 +799,14 @@ class _FusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction):
+    def forward(ctx, pred, operands):
+        # ``operands``: (y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check,
+        # reduction), one non-tensor argument: autograd tracks pred only (the caller has checked
+        # that nothing else requires grad), which keeps apply and the backward short.
         # Frames up to the caller of ambient_fast.ambient_loss: _eager_forward, forward, apply,
         # fused_ambient_loss, ambient_loss.
-        loss, grad = _eager_forward(
-            pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction, True, 6
-        )
-        ctx.reduced = reduction in ("mean", "sum")
+        loss, grad = _eager_forward(pred, *operands, True, 6)
+        ctx.reduced = operands[-1] in ("mean", "sum")
         ctx.save_for_backward(grad)
         return loss
 
@@ -775,15 +817,13 @@ class _FusedLoss(torch.autograd.Function):
                 "the fused ambient loss gives first derivatives only; use ambient_loss(..., backend='torch') "
                 "for create_graph=True"
             )
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 11
         (grad,) = ctx.saved_tensors
         if ctx.reduced:
             capturing = upstream.is_cuda and torch.cuda.is_current_stream_capturing()
             if not capturing and float(upstream) == 1.0:
-                return (grad,) + (None,) * 10
-            return (torch.mul(grad, upstream, out=torch.empty_like(grad)),) + (None,) * 10
-        return (_scale_rows(grad, upstream),) + (None,) * 10
+                return grad, None
+            return torch.mul(grad, upstream, out=torch.empty_like(grad)), None
+        return _scale_rows(grad, upstream), None
 
 
 def fused_ambient_loss(
@@ -848,8 +888,8 @@ def fused_ambient_loss(
     else:
         check_kernel(kernel, pred.device)
         if need_grad:
-            args = (pred, y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction)
-            loss = _FusedLoss.apply(*args)
+            operands = (y_t, y_tmin, sigma, sigma_min, sigma_max, weight, cfg, kernel, check, reduction)
+            loss = _FusedLoss.apply(pred, operands)
         else:
             # No autograd node: frames up to the caller of ambient_fast.ambient_loss.
             loss, _ = _eager_forward(

@@ -92,9 +92,7 @@ def _run(
     kernel: str,
 ) -> torch.Tensor:
     if kernel == "cpp":
-        return _native.run_step(
-            "ancestral_step", x, {"denoised": denoised, "noise": noise}, {"sigma": sigma, "sigma_next": sigma_next}
-        )
+        return _native.run_step("ancestral_step", x, (denoised, noise), (sigma, sigma_next))
     out = empty_rows_like(x)
     ancestral_step_fwd(out, x, denoised, noise, sigma, sigma_next)
     return out

@@ -88,9 +88,7 @@ def _run(
     kernel: str,
 ) -> torch.Tensor:
     if kernel == "cpp":
-        return _native.run_step(
-            "churn_step", x, {"noise": noise}, {"sigma": sigma, "sigma_hat": sigma_hat}, S_noise=float(S_noise)
-        )
+        return _native.run_step("churn_step", x, (noise,), (sigma, sigma_hat), float(S_noise))
     out = empty_rows_like(x)
     churn_step_fwd(out, x, noise, sigma, sigma_hat, S_noise)
     return out

@@ -80,7 +80,23 @@ def _fused(kernel: str) -> Backend:
 
 
 def resolve_kernel(name: str, device: torch.device) -> str:
-    """``"torch"`` (the reference), ``"triton"`` or ``"cpp"`` for backend ``name`` on ``device``."""
+    """``"torch"`` (the reference), ``"triton"`` or ``"cpp"`` for backend ``name`` on ``device``.
+
+    Memoised on ``(name, device type)``: the answer depends only on them and on what is
+    installed, and the loss asks it every training step (refusals are not memoised).
+    """
+    key = (name, device.type)
+    kernel = _RESOLVED.get(key)
+    if kernel is None:
+        kernel = _resolve_kernel(name, device)
+        _RESOLVED[key] = kernel
+    return kernel
+
+
+_RESOLVED: dict[tuple[str, str], str] = {}
+
+
+def _resolve_kernel(name: str, device: torch.device) -> str:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     if name == "torch":

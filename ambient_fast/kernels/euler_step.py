@@ -83,9 +83,7 @@ def _run(
     kernel: str,
 ) -> torch.Tensor:
     if kernel == "cpp":
-        return _native.run_step(
-            "euler_step", x, {"denoised": denoised}, {"sigma": sigma, "sigma_next": sigma_next}
-        )
+        return _native.run_step("euler_step", x, (denoised,), (sigma, sigma_next))
     out = empty_rows_like(x)
     euler_step_fwd(out, x, denoised, sigma, sigma_next)
     return out

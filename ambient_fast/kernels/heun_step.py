@@ -97,8 +97,7 @@ def _run(
     kernel: str,
 ) -> torch.Tensor:
     if kernel == "cpp":
-        inputs = {"denoised": denoised, "denoised_next": denoised_next}
-        return _native.run_step("heun_step", x, inputs, {"sigma": sigma, "sigma_next": sigma_next})
+        return _native.run_step("heun_step", x, (denoised, denoised_next), (sigma, sigma_next))
     out = empty_rows_like(x)
     heun_step_fwd(out, x, denoised, denoised_next, sigma, sigma_next)
     return out
