@@ -2,8 +2,9 @@
 
 The extension ``ambient_fast._C`` is portable: -O3 with an x86-64-v2 baseline (no
 -march=native); the hot loops carry GCC target_clones for x86-64-v3 (AVX2) and x86-64-v4
-(AVX-512; not for the float32 streaming loops, see csrc/common.h), picked at load time. -ffp-contract=off keeps every clone bitwise equal to the
-PyTorch reference and the sampler bitwise equal to its numpy twin. OpenMP is used when the
+(AVX-512; not for the float32 streaming loops, see csrc/common.h), picked at load time.
+-ffp-contract=off keeps every clone bitwise equal to the PyTorch reference and the sampler
+bitwise equal to its numpy twin. OpenMP is used when the
 compiler accepts -fopenmp. See csrc/ARCHITECTURE.md.
 
 The extension is optional: if it does not compile (no C++17 compiler; only GCC and Clang
