@@ -24,6 +24,7 @@ from .core.loss import REDUCTIONS, per_sample_loss_reference, resolve_config
 from .core.noise import noisy_pair
 from .core.schedules import EDM_P_MEAN, EDM_P_STD, SIGMA_DATA, edm_training_sigmas
 from .core.validation import (
+    DATA_DTYPES,
     active,
     check_finite,
     check_per_sample,
@@ -144,9 +145,6 @@ def ambient_loss(
     return per_sample.sum() / trained
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
 def _check_layout(
     pred: object,
     y_t: object,
@@ -176,7 +174,7 @@ def _check_layout(
         batch = shape[:1]
         if (
             shape[0] >= 1
-            and dtype in _DTYPES
+            and dtype in DATA_DTYPES
             and y_t.shape == shape
             and y_tmin.shape == shape
             and y_t.dtype == dtype

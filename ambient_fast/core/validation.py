@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
+    "DATA_DTYPES",
     "active",
     "check_finite",
     "check_per_sample",
@@ -24,6 +25,10 @@ __all__ = [
     "check_sigma_pair",
     "first_bad_index",
 ]
+
+
+# The storage dtypes the losses and steps accept for data (they compute in fp32, fp64 for fp64).
+DATA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def active(validate: bool = True) -> bool:
@@ -97,7 +102,7 @@ def check_same_layout(reference_name: str, reference: torch.Tensor, **others: to
             raise ValueError(f"{name}: dtype {t.dtype} differs from {reference_name}'s {dtype}")
         if t.device != device:
             raise ValueError(f"{name}: device {t.device} differs from {reference_name}'s {device}")
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if dtype not in DATA_DTYPES:
         raise ValueError(f"{reference_name}: unsupported dtype {reference.dtype} (use fp16/bf16/fp32/fp64)")
 
 
