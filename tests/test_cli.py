@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -28,14 +29,18 @@ def digits(tmp_path) -> Path:
     return write_dataset(tmp_path / "data", "folder", samples)
 
 
+_PROGRESS_BAR = re.compile(r"^[\w ]+: +\d+%\|")  # a tqdm line ("write:   0%|     | 0/12 ...")
+
+
 def _fail(capsys, argv: list[str], code: int) -> str:
-    """Run the CLI, expect exit ``code`` and exactly one stderr line; return it."""
+    """Run the CLI, expect exit ``code`` and exactly one stderr line besides usage and
+    progress bars; return it."""
     with pytest.raises(SystemExit) as exc:
         status = main(argv)
         raise SystemExit(status)
     assert exc.value.code == code, argv
     lines = [line for line in capsys.readouterr().err.splitlines() if line and not line.startswith(" ")]
-    lines = [line for line in lines if not line.startswith("usage:")]
+    lines = [line for line in lines if not line.startswith("usage:") and not _PROGRESS_BAR.match(line)]
     assert len(lines) == 1, lines
     return lines[0]
 
@@ -127,10 +132,14 @@ def test_corrupt_rerun_continues_an_interrupted_version(capsys, monkeypatch, tmp
     monkeypatch.undo()
     argv = ["corrupt", "--src", str(digits), "--dst", str(tmp_path / "out"), "--corruption", "blur",
             "--sigma-blur", "0.6", "--fraction", "0.5"]
+    capsys.readouterr()
     assert main(argv) == 0
     done, ref = open_dataset(tmp_path / "out"), open_dataset(reference)
     assert done.keys == ref.keys and np.array_equal(done.sigma_min, ref.sigma_min)
     assert all(done.read_bytes(i) == ref.read_bytes(i) for i in range(len(ref)))
+    # The bar counts samples and starts at the 4 the interrupted run committed.
+    counts = re.findall(r"corrupt: +\d+%\|[^|]*\| (\d+)/(\d+)", capsys.readouterr().err)
+    assert counts[0] == ("4", "12") and counts[-1] == ("12", "12"), counts
 
 
 def _truncate(dataset: Path, name: str) -> Path:
@@ -154,6 +163,19 @@ def test_annotate_bad_sample_is_one_line_and_leaves_nothing(capsys, tmp_path, di
     line = _fail(capsys, ["annotate", "--src", str(digits), "--dst", str(dst), "--fixed", "1.0"], 1)
     assert line.startswith("ambient-fast annotate: error: ") and str(bad) in line
     assert not dst.exists()
+
+
+def test_annotate_classifier_shows_each_phase_to_its_end(capsys, tmp_path, digits):
+    """Classifier steps, then the 6 corrupt samples evaluated, then the 12 written; or nothing."""
+    argv = ["annotate", "--src", str(digits), "--classifier", "--steps", "3", "--batch-size", "4",
+            "--num-sigmas", "4", "--trials", "1", "--device", "cpu", "--cache", "on"]
+    assert main([*argv, "--dst", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    for label, total in (("classifier", 3), ("annotate", 6), ("write", 12)):
+        counts = re.findall(rf"(?:^|\r){label}: +\d+%\|[^|]*\| (\d+)/(\d+)", err, flags=re.M)
+        assert counts and counts[-1] == (str(total), str(total)), (label, err)
+    assert main([*argv, "--dst", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert "%|" not in capsys.readouterr().err
 
 
 def test_annotate_read_only_destination(capsys, monkeypatch, tmp_path, digits):

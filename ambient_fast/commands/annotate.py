@@ -91,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=nonnegative_int, default=0, help="seed (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda[:N] (default: %(default)s)")
     add_input_arguments(g)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--dry-run", action="store_true", help="validate the options, print the plan, write nothing")
 
 
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loops.annotate import annotate_classifier, annotate_fixed
 
     if args.classifier:
-        result = annotate_classifier(args.src, args.dst, **config)
+        result = annotate_classifier(args.src, args.dst, **config, progress=not args.no_progress)
         levels = result.sigma_min[result.annotated]
         print(
             f"classifier accuracy {result.train_accuracy:.3f} (dataset read by {result.input_backend}); "
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             f"10%-90% {float(levels.quantile(0.1)):.3f}-{float(levels.quantile(0.9)):.3f}"
         )
     else:
-        annotate_fixed(args.src, args.dst, level)
+        annotate_fixed(args.src, args.dst, level, progress=not args.no_progress)
         print(f"sigma_min = {level:g} on every corrupt sample")
     print(f"wrote {args.dst}")
     return 0

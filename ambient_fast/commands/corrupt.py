@@ -81,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pixel-fraction", type=float_in(0.0, 1.0), help="mask: share of pixels dropped")
     g.add_argument("--fill", type=float, help="mask: fill value")
     g.add_argument("--factor", type=positive_int, help="downsample factor")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="validate the options, print the plan, write nothing")
 
 
@@ -140,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         sigma_min=args.sigma_min,
         selection=args.selection,
+        progress=not args.no_progress,
         **params,
     )
     print(f"wrote {out} ({args.corruption}, sigma_min {level:g} from {source})")

@@ -273,6 +273,7 @@ def corrupt_dataset(
     selection: str = "per_sample",
     format: str | None = None,
     chunk_size: int = 1024,
+    progress: bool = False,
     **params,
 ) -> Path:
     """Corrupt a fraction of a dataset into a new version at ``dest``; returns ``dest``.
@@ -288,6 +289,7 @@ def corrupt_dataset(
         sigma_min: annotation for corrupted samples (default: preset / noise std).
         selection: ``"per_sample"`` or ``"exact"`` (see :func:`select_corrupted`).
         format: output format; default the source's, ``"tensors"`` for noise.
+        progress: a tqdm bar over the samples written (stderr).
         params: the corruption's parameters: ``sigma_blur``; ``quality``; ``std`` ([-1, 1]
             units); ``holes``/``hole_size``/``pixel_fraction``/``fill``; ``factor``.
 
@@ -329,6 +331,7 @@ def corrupt_dataset(
         lambda i: _corrupt_sample(dataset, i, bool(chosen[i]), corruption, params, level, seed, fmt),
         chunk_size=chunk_size,
         extra=manifest,
+        progress="corrupt" if progress else None,
         parent=dataset,
         creator="ambient_fast.data.corrupt",
         params={"corruption": corruption, **params, "fraction": fraction, "seed": seed, "selection": selection},

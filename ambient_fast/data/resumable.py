@@ -29,6 +29,7 @@ def write_version(
     *,
     chunk_size: int = 1024,
     extra: Callable[[DatasetWriter], dict] | None = None,
+    progress: str | None = None,
     **writer_kwargs,
 ) -> Path:
     """Write (or continue) a version of ``len(keys)`` samples; returns ``dest``.
@@ -42,6 +43,8 @@ def write_version(
         make_sample: ``i -> Sample`` (called only for samples still to write).
         chunk_size: samples per atomic chunk.
         extra: ``writer -> dict`` of manifest sections, computed at close.
+        progress: label of a tqdm bar over the samples (stderr; a resumed run starts it at
+            the samples already committed); None: no bar.
         writer_kwargs: ``parent``, ``creator``, ``params``, ... for :class:`DatasetWriter`.
     """
     if chunk_size < 1:
@@ -51,19 +54,22 @@ def write_version(
     writer = None
     try:
         writer = DatasetWriter(dest, format, resume=True, **writer_kwargs)
-        chunk: list[Sample] = []
-        for i, key in enumerate(keys):
-            if writer.output_key(key) in writer.completed_keys:
-                continue
-            chunk.append(make_sample(i))
-            if len(chunk) == chunk_size:
-                writer.write_chunk(chunk)
-                chunk = []
-        if chunk:
-            writer.write_chunk(chunk)
+        done = writer.completed_keys
+        todo = [i for i, key in enumerate(keys) if writer.output_key(key) not in done]
+        with _bar(progress, len(keys), len(keys) - len(todo)) as bar:
+            for start in range(0, len(todo), chunk_size):
+                rows = todo[start : start + chunk_size]
+                writer.write_chunk([make_sample(i) for i in rows])
+                bar.update(len(rows))
         return writer.close(extra=extra(writer) if extra is not None else None)
     except BaseException:
         committed = writer is not None and bool(writer.completed_keys)
         if not existed and not committed and not any((dest / STAGING).glob("chunk-*.json")):
             shutil.rmtree(dest, ignore_errors=True)
         raise
+
+
+def _bar(label: str | None, total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="sample", desc=label, disable=label is None, dynamic_ncols=True)

@@ -320,11 +320,12 @@ def annotation_sigmas(sigma_lo: float = 0.01, sigma_hi: float = 10.0, count: int
 # Dataset level.
 
 
-def annotate_fixed(src: str | Path, dst: str | Path, sigma_min: float) -> torch.Tensor:
+def annotate_fixed(src: str | Path, dst: str | Path, sigma_min: float, *, progress: bool = False) -> torch.Tensor:
     """A new version ``dst`` of ``src`` with ``sigma_min`` on every corrupt sample.
 
     Corrupt samples are those annotated ``> 0`` in ``src``; clean ones keep 0. Samples are
-    copied byte for byte. Returns the new ``(N,)`` float64 levels.
+    copied byte for byte (``progress``: a tqdm bar over them). Returns the new ``(N,)``
+    float64 levels.
     """
     from ..data import open_dataset
 
@@ -334,7 +335,8 @@ def annotate_fixed(src: str | Path, dst: str | Path, sigma_min: float) -> torch.
     old = torch.from_numpy(ds.sigma_min.copy())
     new = torch.where(old > 0, torch.full_like(old, float(sigma_min)), torch.zeros_like(old))
     write_annotated_version(
-        src, dst, new, creator="ambient_fast.loops.annotate_fixed", params={"sigma_min": float(sigma_min)}
+        src, dst, new, creator="ambient_fast.loops.annotate_fixed", params={"sigma_min": float(sigma_min)},
+        progress=progress,
     )
     return new
 
@@ -362,6 +364,7 @@ def annotate_classifier(
     stream: Literal["auto", "dali", "torch"] = "auto",  # streaming reader when not cached; auto = DALI if installed
     loader_threads: int = 2,  # DALI / cache decode threads
     loader_workers: int = 2,  # torch DataLoader workers (torch stream)
+    progress: bool = False,  # tqdm bars: classifier steps, evaluated samples, written samples
 ) -> ClassifierAnnotation:
     """Classifier-based (Ambient-o) sigma_min for every corrupt sample of ``src``.
 
@@ -374,6 +377,8 @@ def annotate_classifier(
     is written as a new version ``dst`` (samples copied byte for byte, the evidence in its
     manifest), or nowhere when ``dst`` is None.
     """
+    from tqdm.auto import tqdm
+
     from ..data import open_dataset
     from ..data.stream import choose_backend, open_training_input
     from ..nn import build_network
@@ -398,22 +403,25 @@ def annotate_classifier(
         dataset, plan, backend=backend, device=dev, seed=seed, num_threads=loader_threads, num_workers=loader_workers
     )
     batches = iter(loader)
-    classifier, accuracy = train_classifier(
-        batches, backbone, sample_shape, steps=steps, sigma_lo=sigma_lo, sigma_hi=sigma_hi, lr=lr, seed=seed,
-        device=dev,
-    )
+    with tqdm(total=steps, unit="step", desc="classifier", disable=not progress, dynamic_ncols=True) as bar:
+        classifier, accuracy = train_classifier(
+            batches, backbone, sample_shape, steps=steps, sigma_lo=sigma_lo, sigma_hi=sigma_hi, lr=lr, seed=seed,
+            device=dev, progress=lambda _: bar.update(),
+        )
     # The evaluation pass: the rest of the plan, every corrupt sample once; per-sample noise
     # is keyed by the id that travelled with the sample, so batching does not matter.
     new = np.zeros(len(dataset), dtype=np.float64)
     seen = np.zeros(len(dataset), dtype=bool)
-    for batch in batches:
-        probs = classifier_probabilities(
-            classifier, batch.images.to(dev), sigmas, trials=trials, batch_rows=batch_rows,
-            sample_ids=batch.sample_ids.to(dev), seed=seed,
-        )
-        ids = batch.sample_ids.numpy()
-        new[ids] = crossing_sigmas(probs, sigmas, epsilon=epsilon, smooth_span=smooth_span).cpu().double().numpy()
-        seen[ids] = True
+    with tqdm(total=len(plan.corrupt), unit="sample", desc="annotate", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in batches:
+            probs = classifier_probabilities(
+                classifier, batch.images.to(dev), sigmas, trials=trials, batch_rows=batch_rows,
+                sample_ids=batch.sample_ids.to(dev), seed=seed,
+            )
+            ids = batch.sample_ids.numpy()
+            new[ids] = crossing_sigmas(probs, sigmas, epsilon=epsilon, smooth_span=smooth_span).cpu().double().numpy()
+            seen[ids] = True
+            bar.update(len(ids))
     if not seen[plan.corrupt].all() or seen.sum() != len(plan.corrupt):
         raise RuntimeError(f"{src}: the evaluation pass did not cover exactly the corrupt samples")
     levels, annotated = torch.from_numpy(new), torch.from_numpy(plan.corrupt)
@@ -431,17 +439,20 @@ def annotate_classifier(
             "train_accuracy": accuracy,
             "median_sigma_min": float(levels[annotated].median()),
         }
-        write_annotated_version(src, dst, levels, creator="ambient_fast.loops.annotate_classifier", params=params)
+        write_annotated_version(
+            src, dst, levels, creator="ambient_fast.loops.annotate_classifier", params=params, progress=progress
+        )
     return ClassifierAnnotation(levels, sigmas.cpu(), annotated, accuracy, backend)
 
 
 def write_annotated_version(
-    src: str | Path, dst: str | Path, sigma_min: torch.Tensor, *, creator: str, params: dict
+    src: str | Path, dst: str | Path, sigma_min: torch.Tensor, *, creator: str, params: dict, progress: bool = False
 ) -> Path:
     """A new dataset version ``dst``: ``src``'s samples (byte for byte) with new ``sigma_min``.
 
     The source is never modified (SPEC 6); ``sigma_max`` is kept. A failed run leaves
-    nothing, or an unfinished version that the same call continues.
+    nothing, or an unfinished version that the same call continues. ``progress``: a tqdm
+    bar over the samples written.
     """
     from dataclasses import replace
 
@@ -460,4 +471,5 @@ def write_annotated_version(
         parent=ds,
         creator=creator,
         params=params,
+        progress="write" if progress else None,
     )

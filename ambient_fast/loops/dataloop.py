@@ -213,6 +213,7 @@ def run_dataloop(
                     loop_dir / "data",
                     **{"seed": seed, **reader, **(annotate_kwargs or {})},  # read as training reads
                     device=str(dist.device),
+                    progress=progress,
                 )
             dist.barrier()
             record.update(data=str(loop_dir / "data"))
