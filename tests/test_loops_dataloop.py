@@ -183,6 +183,33 @@ def test_loop_default_patience_is_two_and_rho_is_renamed(digits, capsys):
     assert "argument --rho: renamed --rho-ambient" in capsys.readouterr().err
 
 
+def test_loop_dry_run_checks_data_network_reader_reference_and_start_model(digits, tmp_path, capsys):
+    """Each wrong input is refused by ``--dry-run`` in one line naming its option."""
+    _, data, clean = digits
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    other = write_dataset(tmp_path / "big", "tensors", [Sample(index=0, key="a", array=torch.zeros(2, 4, 4).numpy())])
+    not_a_model = tmp_path / "model.safetensors"
+    not_a_model.write_bytes(b"not safetensors")
+    base = ["loop", "--data", str(data), "--dry-run"]
+    cases = [
+        (["--network", "unet-nope"], "argument --network: unknown network 'unet-nope'"),
+        (["--data", str(other), "--cache", "off", "--stream", "dali"], "argument --stream: "),  # tensors: no DALI
+        (["--network-kwargs", '{"hidden": 64, "nope": 1}'], "argument --network-kwargs: unknown key(s) 'nope'"),
+        (["--data", str(other), "--use-labels"], "argument --use-labels: "),  # no class labels
+        (["--ref", str(other)], "argument --ref: samples are (2, 4, 4), the data's are (1, 8, 8)"),
+        (["--ref", str(empty)], "argument --ref: "),  # a folder that is no dataset
+        (["--start-model", str(not_a_model)], "argument --start-model: "),
+        (["--start-model", str(tmp_path / "missing.safetensors")], "argument --start-model: checkpoint not found"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *extra])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err, (extra, err)
+    assert main([*base, "--ref", str(clean)]) == 0 and "nothing was written" in capsys.readouterr().out
+
+
 def test_reference_is_the_clean_versions_where_the_reference_has_them(digits, tmp_path):
     _, data, clean = digits
     original, full = load_dataset_tensors(data), load_dataset_tensors(clean)

@@ -37,9 +37,11 @@ from pathlib import Path
 from .options import (
     add_train_arguments,
     check_train_args,
+    check_training_data,
     dump_dry_run,
     existing_dir,
     float_above,
+    open_dataset_arg,
     positive_int,
     train_kwargs_from_args,
 )
@@ -197,8 +199,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.data is None:
             parser.error("argument --data: required (unless --resume is given)")
-        if args.start_model is not None and not args.start_model.is_file():
-            parser.error(f"argument --start-model: no such file: {args.start_model}")
         if args.metric == "fid" and args.ref is not None:
             from ..eval import resolve_inception_weights
 
@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
                 parser.error(f"argument --metric: fid needs the Inception weights: {err}")
         kwargs = loop_kwargs_from_args(args)
         data, run_dir = args.data, None
+    _check_inputs(parser, data, kwargs)
     if args.dry_run:
         where = run_dir or args.out / f"NNNNN-loop-{args.desc or data.name}"
         dump_dry_run(f"run {kwargs['loops']} loop(s) on {data} into {where}", kwargs)
@@ -240,3 +241,27 @@ def run(args: argparse.Namespace) -> int:
         )
     print0(f"run folder: {result.run_dir}")
     return 0
+
+
+def _check_inputs(parser: argparse.ArgumentParser, data: Path, kwargs: dict) -> None:
+    """Before any work (and in a dry run): the data opens and the network fits it with a
+    reader that exists, the reference opens with the data's sample shape, and the start
+    model is a checkpoint for that shape."""
+    dataset = check_training_data(parser, "--data", data, kwargs["train_kwargs"])
+    shape = tuple(dataset.sample_shape)
+    if kwargs["reference"] is not None:
+        reference = open_dataset_arg(parser, "--ref", Path(kwargs["reference"]))
+        if tuple(reference.sample_shape) != shape:
+            parser.error(
+                f"argument --ref: samples are {tuple(reference.sample_shape)}, the data's are {shape} "
+                "(the reference holds clean samples of the data's shape)"
+            )
+    if kwargs["start_model"] is not None:
+        from ..nn import read_denoiser_config
+
+        try:
+            stored = read_denoiser_config(kwargs["start_model"]).extra.get("sample_shape")
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(f"argument --start-model: {err}")
+        if stored is not None and tuple(stored) != shape:
+            parser.error(f"argument --start-model: trained on samples {tuple(stored)}, the data's are {shape}")

@@ -34,6 +34,7 @@ __all__ = [
     "add_train_arguments",
     "add_input_arguments",
     "check_input_args",
+    "check_training_data",
     "train_kwargs_from_args",
     "check_train_args",
     "dump_dry_run",
@@ -352,6 +353,19 @@ def check_input_args(parser: argparse.ArgumentParser, dataset: Any, options: dic
         return choose_backend(dataset, options["cache"], options["cache_budget_bytes"], options["stream"])
     except (ValueError, ImportError) as err:
         parser.error(f"argument --stream: {err}")
+
+
+def check_training_data(parser: argparse.ArgumentParser, flag: str, data: Path, options: dict[str, Any]) -> Any:
+    """The dataset ``data`` (given as ``flag``) opens, its annotation reads, ``options``'
+    network (:func:`ambient_fast.loops.train` keywords; missing ones take its defaults) fits
+    its samples, and the input options name a reader that exists; returns the dataset."""
+    options = {**train_defaults(), **options}
+    dataset = open_dataset_arg(parser, flag, data)
+    if options["use_labels"] and dataset.labels is None:
+        parser.error(f"argument --use-labels: {data} has no class labels (dataset.json 'labels')")
+    check_network(parser, options["network"], options["network_kwargs"], tuple(dataset.sample_shape))
+    check_input_args(parser, dataset, options)
+    return dataset
 
 
 def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -25,12 +25,10 @@ from pathlib import Path
 
 from .options import (
     add_train_arguments,
-    check_input_args,
-    check_network,
     check_train_args,
+    check_training_data,
     dump_dry_run,
     existing_dir,
-    open_dataset_arg,
     train_kwargs_from_args,
 )
 
@@ -83,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         data, init = args.data, args.init
     if init is not None and not Path(init).is_file():
         parser.error(f"argument --init: no such file: {init}")
-    _check_data(parser, data, kwargs)
+    check_training_data(parser, "--data", data, kwargs)
     kwargs["init"] = str(init) if init is not None else None
     desc = args.desc or data.name
     if args.dry_run:
@@ -106,13 +104,3 @@ def run(args: argparse.Namespace) -> int:
     print0(f"trained {result.images} images in {result.steps} steps ({result.images_per_second:.0f} img/s)")
     print0(f"denoiser: {result.denoiser_path}")
     return 0
-
-
-def _check_data(parser: argparse.ArgumentParser, data: Path, kwargs: dict) -> None:
-    """The dataset opens, its annotation reads, the network fits its samples, and the input
-    options name a reader that exists."""
-    dataset = open_dataset_arg(parser, "--data", data)
-    if kwargs.get("use_labels") and dataset.labels is None:
-        parser.error(f"argument --use-labels: {data} has no class labels (dataset.json 'labels')")
-    check_network(parser, kwargs["network"], kwargs.get("network_kwargs"), tuple(dataset.sample_shape))
-    check_input_args(parser, dataset, kwargs)
