@@ -720,6 +720,47 @@ def test_latent_run_takes_the_pixel_options(sd_pipeline, tmp_path):
     assert all(s.data[:4] == b"RIFF" and s.data[8:12] == b"WEBP" for s in out)
 
 
+def test_grayscale_dataset_is_restored_as_the_luma_of_its_rgb_replica(sd_pipeline, tmp_path):
+    """A grayscale image enters the VAE as (g, g, g): the restored grayscale dataset keeps its
+    shape and equals the BT.601 luma of the same run on the RGB replica (to 1 grey level, the
+    RGB output's rounding), sample by sample; clean samples are copied byte for byte."""
+    rng = np.random.default_rng(3)
+    grey = [rng.integers(0, 256, (16, 16), dtype=np.uint8) for _ in CAPTION_LEVELS]
+
+    def png(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def shards(name: str, arrays: list[np.ndarray]) -> Path:
+        samples = [
+            Sample(index=i, key=f"s{i:04d}", array=None, data=png(a), sigma_min=level, caption=f"photo {i}")
+            for i, (a, level) in enumerate(zip(arrays, CAPTION_LEVELS, strict=True))
+        ]
+        return write_dataset(tmp_path / name, "webdataset", samples, chunk_size=4)
+
+    gray_src = shards("gray", grey)
+    rgb_src = shards("rgb", [np.repeat(g[:, :, None], 3, axis=2) for g in grey])
+    components = load_components(sd_pipeline)
+    for src, dst in ((gray_src, "gray-out"), (rgb_src, "rgb-out")):
+        latent_run(components, src, tmp_path / dst)
+    _, gray_in = read_version(gray_src)
+    _, gray_out = read_version(tmp_path / "gray-out")
+    _, rgb_out = read_version(tmp_path / "rgb-out")
+    restored = 0
+    for a, g, c in zip(gray_in, gray_out, rgb_out, strict=True):
+        assert g.key == c.key and g.sigma_min == c.sigma_min
+        if a.sigma_min == 0:
+            assert g.data == a.data
+            continue
+        assert a.array.shape == g.array.shape == (16, 16, 1) and c.array.shape == (16, 16, 3)
+        luma = c.array.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+        assert np.abs(g.array[..., 0] - luma).max() <= 1.0, np.abs(g.array[..., 0] - luma).max()
+        assert np.abs(g.array.astype(int) - a.array.astype(int)).mean() > 10  # restored, not copied
+        restored += 1
+    assert restored == 5
+
+
 def test_sample_without_caption_is_refused_by_key(sd_pipeline, tmp_path):
     src = write_caption_shards(tmp_path / "src", CAPTION_LEVELS, captions=False)
     with pytest.raises(ValueError, match="s0002.*no caption"):

@@ -5,16 +5,19 @@ the same captured K-step loop, per-sample grids and seeds, journal, ranks and wr
 with the :mod:`.stages` hooks filled in for a diffusers pipeline:
 
 - host (:class:`LatentStages`, reader/writer threads): decode the image like the pixel
-  path (uint8 ``(3, H, W)``); per batch, read and tokenise the rows' captions (``key.txt``;
-  a sample to restore without one is refused by key); a restored row is written as PNG, plus
-  ``latent.npy`` when latents are stored.
+  path (uint8 ``(3, H, W)``, or ``(1, H, W)`` for a grayscale dataset); per batch, read and
+  tokenise the rows' captions (``key.txt``; a sample to restore without one is refused by
+  key); a restored row is written as PNG, plus ``latent.npy`` when latents are stored.
 - device (:class:`LatentCodec`, outside the graph): ``stage`` (on CUDA the sampler's copy
   stream, into one of two staging slots, so it overlaps the previous batch's replay): VAE
   encode of the uint8 rows in the VAE's compute dtype (bf16 on GPU), batched -> scaled
-  latents; the text encoder over the batch's tokens -> conditional rows. ``encode``
+  latents (grayscale rows enter as ``(g, g, g)``); the text encoder over the batch's tokens ->
+  conditional rows. ``encode``
   (compute stream): the slot -> the loop's static ``y0`` and the conditional rows of the
   static conditioning buffers (the unconditional rows beside them, negative caption, are
-  encoded and written once per run). After the loop: VAE decode -> uint8 rows (and latents).
+  encoded and written once per run). After the loop: VAE decode -> uint8 rows (and latents);
+  a grayscale dataset gets the decoded image's luma (ITU-R BT.601, :data:`LUMA`), so
+  every restored sample keeps its dataset's shape.
 - in the graph (:meth:`LatentCodec.wrap_denoiser`): classifier-free guidance over the
   static buffers, which are laid out ``(B, 2, ...)`` = the network's ``2B`` interleaved
   rows ``[cond_0, uncond_0, ...]``: one network call per evaluation, the mix
@@ -60,6 +63,7 @@ __all__ = [
 
 LATENT_COMPONENT = "latent.npy"  # WebDataset component of a sample's stored (C, h, w) latents
 LATENT_DTYPES = {"float16": np.float16, "float32": np.float32}  # anchors store float16
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B: a grayscale dataset's restored value
 
 
 @dataclass(frozen=True)
@@ -101,12 +105,17 @@ class LatentCodec(DeviceCodec):
         components: denoiser, VAE and caption encoder, all on one device.
         settings: guidance, VAE sampling, stored latents.
         image_size: ``(H, W)`` of every restored image (multiples of the VAE factor).
+        channels: 3 (RGB) or 1 (grayscale: encoded as ``(g, g, g)``, restored as the luma).
     """
 
     storage_dtype = torch.uint8
 
-    def __init__(self, components: LatentComponents, settings: LatentSettings, image_size: tuple[int, int]) -> None:
-        self.components, self.settings = components, settings
+    def __init__(
+        self, components: LatentComponents, settings: LatentSettings, image_size: tuple[int, int], channels: int = 3
+    ) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"latent restoration takes RGB (3) or grayscale (1) images, got {channels} channels")
+        self.components, self.settings, self.channels = components, settings, channels
         self.vae, self.text = components.codec, components.caption_encoder
         height, width = (int(s) for s in image_size)
         config = getattr(self.vae.vae, "config", None)
@@ -141,7 +150,7 @@ class LatentCodec(DeviceCodec):
         return outputs
 
     def stage(self, raw: torch.Tensor, context: Any, slot: int) -> _Staged:
-        """VAE-encode ``raw`` uint8 ``(B, 3, H, W)`` and text-encode the rows' captions
+        """VAE-encode ``raw`` uint8 ``(B, 3 or 1, H, W)`` and text-encode the rows' captions
         (``context``, a :class:`LatentBatch` of ``n <= B`` rows, padded with row 0) into staging
         slot ``slot`` (on CUDA: the sampler's copy stream, overlapping the previous replay)."""
         if not isinstance(context, LatentBatch):
@@ -160,7 +169,8 @@ class LatentCodec(DeviceCodec):
         if self.settings.encode_sample:
             seeds = context.seeds.to(device, non_blocking=True)
             seeds = torch.cat([seeds, seeds[:1].expand(batch - len(seeds))])
-        staged.latents.copy_(self.vae.encode(raw, sample=self.settings.encode_sample, seeds=seeds))
+        rgb = raw if self.channels == 3 else raw.expand(-1, 3, -1, -1)
+        staged.latents.copy_(self.vae.encode(rgb, sample=self.settings.encode_sample, seeds=seeds))
         sizes = self._sizes.get(batch)
         if sizes is None:
             sizes = self._sizes[batch] = torch.tensor([self.image_size], device=device).expand(batch, 2)
@@ -180,7 +190,10 @@ class LatentCodec(DeviceCodec):
             cond[name][:, 0].copy_(rows)
 
     def decode(self, x: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
-        outputs["sample"].copy_(to_uint8(self.vae.decode(x)))
+        images = self.vae.decode(x).to(torch.float32)
+        if self.channels == 1:  # the luma of the RGB image as it would be stored (channels clamped first)
+            images = torch.einsum("bchw,c->bhw", images.clamp(-1, 1), images.new_tensor(LUMA)).unsqueeze(1)
+        outputs["sample"].copy_(to_uint8(images))
         if "latent" in outputs:
             outputs["latent"].copy_(x)
 
@@ -215,13 +228,13 @@ class LatentStages(Stages):
         seed: int = 0,
     ) -> None:
         index = int(np.flatnonzero(np.asarray(source.sigma_min) > 0)[0])
-        if len(pixels.storage_shape) != 3 or pixels.storage_shape[0] != 3:
+        if len(pixels.storage_shape) != 3 or pixels.storage_shape[0] not in (1, 3):
             raise DatasetFormatError(
-                f"{source.dataset.describe(index)}: latent restoration takes RGB images, the restored samples are "
-                f"{pixels.storage_shape}"
+                f"{source.dataset.describe(index)}: latent restoration takes RGB or grayscale images, the restored "
+                f"samples are {pixels.storage_shape}"
             )
         self.source, self.settings, self.seed, self._pixels = source, settings, seed, pixels
-        codec = LatentCodec(components, settings, pixels.storage_shape[1:])
+        codec = LatentCodec(components, settings, pixels.storage_shape[1:], pixels.storage_shape[0])
         description = {
             **pixels.description,
             "latent": {
@@ -270,12 +283,13 @@ def latent_sampler(
     batch_size: int,
     config: SamplerConfig,
     settings: LatentSettings | None = None,
+    channels: int = 3,
 ) -> RestorationSampler:
-    """The engine's sampler for latent restoration of uint8 ``(3, *image_size)`` images (tests,
-    benchmarks; the dataset driver builds the same from :class:`LatentStages`)."""
-    codec = LatentCodec(components, settings or LatentSettings(), image_size)
+    """The engine's sampler for latent restoration of uint8 ``(channels, *image_size)`` images
+    (tests, benchmarks; the dataset driver builds the same from :class:`LatentStages`)."""
+    codec = LatentCodec(components, settings or LatentSettings(), image_size, channels)
     return RestorationSampler(
-        components.denoiser, (3, *image_size), batch_size, config, codec=codec, device=codec.vae.device
+        components.denoiser, (channels, *image_size), batch_size, config, codec=codec, device=codec.vae.device
     )
 
 
