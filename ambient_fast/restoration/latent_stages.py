@@ -11,10 +11,9 @@ with the :mod:`.stages` hooks filled in for a diffusers pipeline:
 - device (:class:`LatentCodec`, outside the graph): ``stage`` (on CUDA the sampler's copy
   stream, into one of two staging slots, so it overlaps the previous batch's replay): VAE
   encode of the uint8 rows in the VAE's compute dtype (bf16 on GPU), batched -> scaled
-  latents (grayscale rows enter as ``(g, g, g)``); the text encoder over the batch's tokens ->
-  conditional rows. ``encode``
-  (compute stream): the slot -> the loop's static ``y0`` and the conditional rows of the
-  static conditioning buffers (the unconditional rows beside them, negative caption, are
+  latents (grayscale rows enter as ``(g, g, g)``); the text encoder over the batch's tokens
+  -> conditional rows. ``encode`` (compute stream): the slot -> the loop's static ``y0`` and
+  the conditional rows of the static conditioning buffers (the unconditional rows beside them, negative caption, are
   encoded and written once per run). After the loop: VAE decode -> uint8 rows (and latents);
   a grayscale dataset gets the decoded image's luma (ITU-R BT.601, :data:`LUMA`), so
   every restored sample keeps its dataset's shape.
