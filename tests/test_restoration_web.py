@@ -38,6 +38,7 @@ from ambient_fast.restoration import (
     save_denoiser,
     staging_folder,
 )
+from ambient_fast.restoration.lock import LEASE_SECONDS, DestinationLock, DestinationLocked, lock_path
 from ambient_fast.samplers import restore as reference_restore
 from tests.test_restoration_dataset import FAST, CrashAfter, make_denoiser, make_png_dataset, tree_bytes
 
@@ -187,6 +188,79 @@ def test_lock_second_run_gets_one_line_and_stale_lock_is_taken_over(tmp_path: Pa
     # The holder is dead now: its lock is stale and the next run takes it over, then removes it.
     report = restore_dataset(make_denoiser(), src, dst, **FAST)
     assert report.num_restored == 6 and not lock.exists() and (dst / "manifest.json").is_file()
+
+
+def _foreign_lock(path: Path, age: float) -> str:
+    """A lock line from another host, last refreshed ``age`` seconds ago (file mtime)."""
+    host = f"node-that-is-not-{socket.gethostname()}"
+    line = f"another restoration is writing here: pid 4242 on host {host} since 2026-12-05T00:00:00Z"
+    path.write_text(line + "\n")
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return line
+
+
+def test_foreign_host_lock_is_refused_while_refreshed_and_taken_over_after_its_lease(tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    path = lock_path(dst)
+    line = _foreign_lock(path, age=30.0)
+    with pytest.raises(DestinationLocked) as refused:
+        DestinationLock(dst).acquire()
+    assert str(refused.value).startswith(line) and "refreshed 30 s ago" in str(refused.value)
+    assert f"taken over once {LEASE_SECONDS:g} s pass without a refresh" in str(refused.value)
+    assert path.read_text().strip() == line  # untouched
+    _foreign_lock(path, age=LEASE_SECONDS + 5.0)
+    with DestinationLock(dst) as lock:
+        assert path.read_text().strip() == lock._line and socket.gethostname() in lock._line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no probe, mutex or lock left behind
+
+
+def test_holder_refreshes_its_lease_and_never_removes_another_runs_lock(tmp_path: Path) -> None:
+    dst = tmp_path / "dst"
+    lock = DestinationLock(dst, lease=5.0, heartbeat=0.02)
+    lock.acquire()
+    path = lock_path(dst)
+    os.utime(path, (time.time() - 100, time.time() - 100))
+    deadline = time.time() + 2.0
+    while time.time() - path.stat().st_mtime > 50 and time.time() < deadline:
+        time.sleep(0.01)
+    assert time.time() - path.stat().st_mtime < 5  # the heartbeat refreshed it
+    with pytest.warns(RuntimeWarning, match="taken over by another run"):
+        other = _foreign_lock(path, age=0.0)  # another run took over (our heartbeat had stalled)
+        while not lock.lost and time.time() < deadline + 2.0:
+            time.sleep(0.01)
+    lock.release()
+    assert lock.lost and path.read_text().strip() == other  # its lock stays
+
+
+def test_one_of_many_concurrent_takers_of_a_stale_lock_wins(tmp_path: Path) -> None:
+    import threading
+
+    dst = tmp_path / "dst"
+    for round_ in range(5):
+        _foreign_lock(lock_path(dst), age=LEASE_SECONDS + 1.0)
+        start, results = threading.Barrier(8), []
+
+        def take(start: threading.Barrier = start, results: list = results) -> None:
+            lock = DestinationLock(dst)
+            start.wait()
+            try:
+                lock.acquire()
+                results.append(lock)
+            except DestinationLocked as err:
+                results.append(str(err))
+
+        threads = [threading.Thread(target=take) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [r for r in results if isinstance(r, DestinationLock)]
+        assert len(winners) == 1, (round_, results)
+        assert all(r.startswith(winners[0]._line) for r in results if isinstance(r, str))
+        assert lock_path(dst).read_text().strip() == winners[0]._line
+        winners[0].release()
+        assert not any(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------ resume

@@ -31,7 +31,9 @@ manifest and report then say it is a corruption the new sigma_min does not descr
 Captions, JSON and unknown members of a sample travel through untouched; clean samples are
 decode-checked and copied byte for byte; a sample that does not decode is skipped and named
 (or fatal with --on-bad-sample raise). A second run on one --dst gets one line naming the
-run that holds its lock; a stale lock from a killed run is taken over.
+run that holds its lock; a stale lock from a killed run is taken over (from another host:
+once its holder's heartbeat has been silent for 10 minutes, so a restarted cluster job
+continues wherever its rank 0 lands).
 """
 
 from __future__ import annotations
